@@ -1,0 +1,225 @@
+"""How a tool is declared and exposed.
+
+A declaration module defines an input model, an output model and a handler, and registers
+them with `@tool(...)`. `register_tools` exposes, for one role, exactly the tools that the
+policy grants that role *and* that are declared here: nothing else is ever registered.
+Each exposed tool's parameters are the input model's fields (flat, with their descriptions),
+its output schema is the output model, and every call is re-checked for the role, validated,
+lock-checked when it measures/records/verifies, audited, and answered with a short first line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Awaitable, Callable, Generic, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from kda.tools.errors import KdaError, LockMismatch, RoleDenied
+from kda.tools.workspace import Workspace
+
+OutT = TypeVar("OutT", bound=BaseModel)
+
+
+@dataclass
+class Reply(Generic[OutT]):
+    """What a handler returns: the first text line, the structured output, optional detail text."""
+
+    headline: str
+    data: OutT
+    detail: str = ""
+
+
+@dataclass
+class CallContext:
+    ws: Workspace
+    role: str
+    session: str
+    mcp: Context | None = None
+
+    async def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        if self.mcp is not None:
+            try:
+                await self.mcp.report_progress(done, total, message)
+            except Exception:  # a client without a progress token: nothing to report to
+                pass
+
+
+Handler = Callable[[CallContext, Any], "Reply[Any] | Awaitable[Reply[Any]]"]
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    title: str
+    description: str
+    input_model: type[BaseModel]
+    output_model: type[BaseModel]
+    handler: Handler
+    roles: frozenset[str]
+    annotations: ToolAnnotations
+    checks_lock: bool = False
+    audited_args: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda a: a)
+
+
+REGISTRY: dict[str, ToolSpec] = {}
+
+
+def tool(
+    name: str,
+    *,
+    title: str,
+    input_model: type[BaseModel],
+    output_model: type[BaseModel],
+    roles: set[str],
+    read_only: bool,
+    idempotent: bool = False,
+    destructive: bool = False,
+    open_world: bool = False,
+    checks_lock: bool = False,
+) -> Callable[[Handler], Handler]:
+    """Declare a tool. The handler's docstring is the description the agent reads."""
+
+    def deco(fn: Handler) -> Handler:
+        handler = fn if inspect.iscoroutinefunction(fn) else sync_handler(fn)  # type: ignore[arg-type]
+        if name in REGISTRY:
+            raise RuntimeError(f"tool {name!r} declared twice")
+        REGISTRY[name] = ToolSpec(
+            name=name,
+            title=title,
+            description=inspect.cleandoc(fn.__doc__ or title),
+            input_model=input_model,
+            output_model=output_model,
+            handler=handler,
+            roles=frozenset(roles),
+            annotations=ToolAnnotations(
+                title=title,
+                read_only_hint=read_only,
+                destructive_hint=destructive if not read_only else False,
+                idempotent_hint=idempotent,
+                open_world_hint=open_world,
+            ),
+            checks_lock=checks_lock,
+        )
+        return fn
+
+    return deco
+
+
+class Page(BaseModel):
+    """Pagination fields shared by listing tools."""
+
+    offset: int = Field(0, ge=0, description="Index of the first item to return.")
+    limit: int = Field(50, ge=1, le=500, description="Most items to return.")
+
+
+def _signature_for(model: type[BaseModel]) -> inspect.Signature:
+    params = []
+    for fname, f in model.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata, Field(description=f.description))]  # type: ignore[misc]
+        default = inspect.Parameter.empty if f.is_required() else f.get_default(call_default_factory=True)
+        params.append(inspect.Parameter(fname, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
+    return inspect.Signature(params)
+
+
+def _format_validation(e: ValidationError) -> str:
+    return "invalid arguments: " + "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in e.errors()
+    )
+
+
+def _make_entry(spec: ToolSpec, ws: Workspace, role: str, session: str) -> Callable[..., Any]:
+    async def entry(**kwargs: Any) -> CallToolResult:
+        mcp_ctx = kwargs.pop("ctx", None)
+        call = CallContext(ws=ws, role=role, session=session, mcp=mcp_ctx)
+        started = time.monotonic()
+        outcome = "error: unexpected"
+        try:
+            # The role is checked again on every call, against the policy as loaded at launch.
+            if spec.name not in ws.policy.tools_for(role) or role not in spec.roles:
+                raise RoleDenied(f"role {role!r} may not call {spec.name!r}")
+            try:
+                args = spec.input_model.model_validate(kwargs)
+            except ValidationError as e:
+                raise KdaError(_format_validation(e)) from None
+            if spec.checks_lock:
+                await anyio.to_thread.run_sync(ws.check_lock)
+            result = spec.handler(call, args)
+            if inspect.isawaitable(result):
+                reply = await result
+            else:  # pragma: no cover - handlers are wrapped below
+                reply = result
+            outcome = "ok: " + reply.headline
+            text = reply.headline + (("\n" + reply.detail) if reply.detail else "")
+            return CallToolResult(
+                content=[TextContent(type="text", text=text)],
+                structured_content=reply.data.model_dump(mode="json"),
+            )
+        except LockMismatch as e:
+            outcome = "lock mismatch: " + ", ".join(f"{p} {w}" for p, w in e.changes)
+            raise ToolError(str(e)) from None
+        except KdaError as e:
+            outcome = "error: " + str(e)
+            raise ToolError(str(e)) from None
+        except ToolError as e:
+            outcome = "error: " + str(e)
+            raise
+        except Exception as e:  # a bug of ours: say so plainly, keep serving
+            outcome = f"internal error: {type(e).__name__}: {e}"
+            tb = traceback.format_exc()
+            (ws.kda_dir / "logs").mkdir(parents=True, exist_ok=True)
+            with open(ws.kda_dir / "logs" / "server-errors.log", "a") as f:
+                f.write(f"--- {time.ctime()} {spec.name}\n{tb}\n")
+            raise ToolError(f"internal error in {spec.name}: {type(e).__name__}: {e} (see .kda/logs/server-errors.log)") from None
+        finally:
+            elapsed = time.monotonic() - started
+            audited = spec.audited_args(dict(kwargs))
+            await anyio.to_thread.run_sync(
+                lambda: ws.audit.append(role, session, spec.name, audited, f"{outcome} ({elapsed:.2f}s)")
+            )
+
+    entry.__name__ = spec.name
+    entry.__doc__ = spec.description
+    entry.__signature__ = _signature_for(spec.input_model)  # type: ignore[attr-defined]
+    entry.__annotations__ = {"return": Annotated[CallToolResult, spec.output_model]}
+    return entry
+
+
+def sync_handler(fn: Callable[[CallContext, Any], Reply[Any]]) -> Callable[[CallContext, Any], Awaitable[Reply[Any]]]:
+    """Run a blocking handler in a worker thread so the server keeps answering meanwhile."""
+
+    async def run(call: CallContext, args: Any) -> Reply[Any]:
+        return await anyio.to_thread.run_sync(lambda: fn(call, args))
+
+    run.__doc__ = fn.__doc__
+    run.__name__ = fn.__name__
+    return run
+
+
+def register_tools(server: MCPServer, ws: Workspace, role: str, session: str) -> list[str]:
+    granted = ws.policy.tools_for(role)
+    exposed = []
+    for name in granted:
+        spec = REGISTRY.get(name)
+        if spec is None or role not in spec.roles:
+            continue  # not implemented yet, or never for this role: never registered
+        if ws.policy.roles[role].read_only and not spec.annotations.read_only_hint:
+            continue
+        server.add_tool(
+            _make_entry(spec, ws, role, session),
+            name=spec.name,
+            title=spec.title,
+            description=spec.description,
+            annotations=spec.annotations,
+            structured_output=True,
+        )
+        exposed.append(name)
+    return exposed

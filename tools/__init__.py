@@ -1,0 +1,1 @@
+"""The kda engine: one module per capability, callable and tested without MCP."""
