@@ -120,14 +120,14 @@ class Page(BaseModel):
     limit: int = Field(50, ge=1, le=500, description="Most items to return.")
 
 
-def _signature_for(model: type[BaseModel]) -> inspect.Signature:
+def _signature_for(model: type[BaseModel], output: type[BaseModel]) -> inspect.Signature:
     params = []
     for fname, f in model.model_fields.items():
         ann = Annotated[(f.annotation, *f.metadata, Field(description=f.description))]  # type: ignore[misc]
         default = inspect.Parameter.empty if f.is_required() else f.get_default(call_default_factory=True)
         params.append(inspect.Parameter(fname, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
     params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
-    return inspect.Signature(params)
+    return inspect.Signature(params, return_annotation=Annotated[CallToolResult, output])
 
 
 def _format_validation(e: ValidationError) -> str:
@@ -188,8 +188,8 @@ def _make_entry(spec: ToolSpec, ws: Workspace, role: str, session: str) -> Calla
 
     entry.__name__ = spec.name
     entry.__doc__ = spec.description
-    entry.__signature__ = _signature_for(spec.input_model)  # type: ignore[attr-defined]
-    entry.__annotations__ = {"return": Annotated[CallToolResult, spec.output_model]}
+    entry.__signature__ = _signature_for(spec.input_model, spec.output_model)  # type: ignore[attr-defined]
+    entry.__annotations__ = {"ctx": Context, "return": Annotated[CallToolResult, spec.output_model]}
     return entry
 
 

@@ -178,6 +178,7 @@ def init_workspace(dest: Path, src: TaskSource, policy: str = "default", force: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".kda-init-", dir=dest.parent))
     try:
+        os.chmod(staging, 0o755)
         _write_task(staging, src, policy_text)
         if not exists:
             (staging / "work").mkdir()

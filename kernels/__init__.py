@@ -1,0 +1,1 @@
+"""Built-in tasks in FlashInfer Trace layout (data only)."""

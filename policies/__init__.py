@@ -1,0 +1,1 @@
+"""Shipped policy files (data only)."""
