@@ -7,17 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-
 from kda.tools.errors import KdaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kda-mcp: a kernel-engineering bench for coding agents, served over MCP.")
-err = Console(stderr=True)
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
 
 
