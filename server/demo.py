@@ -1,1 +1,134 @@
-"""`kda demo`: a real end-to-end session over stdio, both roles, printed as a transcript."""
+"""`kda demo`: a real end-to-end session over stdio with both roles, printed as a transcript.
+
+It builds a workspace for the built-in `rmsnorm_h4096` task, copies two example candidates into
+work/ (an honest Triton RMSNorm and a dishonest output cache), starts the writer and the reviewer
+as `kda serve` subprocesses through the MCP client, and calls every tool each role exposes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+from mcp import Client, StdioServerParameters
+
+from kda.tools.task import init_workspace, resolve_task
+
+EXAMPLES = ("triton_v1", "cached_cheat")
+
+
+def _plan(has_gpu: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(role, tool, arguments) in the order a real session would go."""
+    bench_wl = "all" if has_gpu else "sample:3"
+    return [
+        ("writer", "task_info", {"limit": 3}),
+        ("writer", "wiki_search", {"query": "rmsnorm is memory bound, how do I reach DRAM bandwidth?", "k": 3}),
+        ("writer", "wiki_read", {"page_id": "rmsnorm-layernorm", "limit": 20}),
+        ("writer", "compile", {"path": "work/triton_v1"}),
+        ("writer", "compile", {"path": "work/triton_v1"}),  # second time: served from the cache
+        ("writer", "benchmark", {"path": "work/triton_v1", "workloads": bench_wl, "mode": "quick"}),
+        ("writer", "benchmark", {"path": "work/cached_cheat", "workloads": "sample:2", "mode": "quick"}),
+        ("writer", "show_run", {"run_id": "$last_run", "limit": 3}),
+        ("writer", "profile", {"path": "work/triton_v1"}),
+        ("writer", "profile_summary", {"report": "$last_profile"}),
+        ("reviewer", "task_info", {"limit": 1}),
+        ("reviewer", "show_run", {"run_id": "$first_bench", "limit": 3}),
+        ("reviewer", "verify", {"path": "work/triton_v1"}),
+        ("reviewer", "audit_log", {"limit": 5}),
+        ("reviewer", "audit_verify", {}),
+        ("writer", "compile", {"path": "../outside"}),  # refused: outside the workspace
+    ]
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _server(ws: Path, role: str) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable,
+                                 args=["-m", "kda.server.cli", "serve", "--workspace", str(ws), "--role", role],
+                                 env=dict(os.environ))
+
+
+def _substitute(args: dict[str, Any], memo: dict[str, str]) -> dict[str, Any] | None:
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, str) and v.startswith("$"):
+            if v[1:] not in memo:
+                return None
+            v = memo[v[1:]]
+        out[k] = v
+    return out
+
+
+async def _session(ws: Path) -> int:
+    failures = 0
+    memo: dict[str, str] = {}
+    async with Client(_server(ws, "writer")) as writer, Client(_server(ws, "reviewer")) as reviewer:
+        clients = {"writer": writer, "reviewer": reviewer}
+        tools = {role: {t.name for t in (await c.list_tools()).tools} for role, c in clients.items()}
+        for role in clients:
+            print(f"[{role}] tools: {', '.join(sorted(tools[role]))}")
+        print()
+        for role, name, args in _plan(_has_gpu()):
+            if name not in tools[role]:
+                print(f"[{role}] {name}: not available on this server")
+                continue
+            call_args = _substitute(args, memo)
+            if call_args is None:
+                print(f"[{role}] {name}: skipped (needs an earlier result)")
+                continue
+            t0 = time.perf_counter()
+            r = await clients[role].call_tool(name, call_args)
+            dt = time.perf_counter() - t0
+            text = r.content[0].text.splitlines()[0] if r.content else ""
+            shown = ", ".join(f"{k}={v}" for k, v in call_args.items())
+            print(f"[{role}] {name}({shown})  {dt:.1f}s\n    {'ERROR ' if r.is_error else ''}{text}")
+            s = r.structured_content or {}
+            if not r.is_error and isinstance(s, dict):
+                run_id = s.get("run_id")
+                if run_id:
+                    memo["last_run"] = run_id
+                    if name == "benchmark":
+                        memo.setdefault("first_bench", run_id)
+                    if name == "profile":
+                        memo["last_profile"] = run_id
+            expected_error = call_args.get("path") == "../outside"
+            if r.is_error != expected_error:
+                failures += 0 if name in ("profile", "verify") else 1
+    return failures
+
+
+def run_demo(keep: Path | None = None) -> int:
+    tmp = None
+    if keep is None:
+        tmp = tempfile.mkdtemp(prefix="kda-demo-")
+        ws = Path(tmp) / "workspace"
+    else:
+        ws = Path(keep)
+    try:
+        src = resolve_task("rmsnorm_h4096", None, None, None, None)
+        init_workspace(ws, src)
+        examples = resources.files("kda.kernels").joinpath("examples", "rmsnorm_h4096")
+        for name in EXAMPLES:
+            shutil.copytree(Path(str(examples.joinpath(name))), ws / "work" / name)
+        print(f"kda demo: workspace {ws} (task rmsnorm_h4096, {len(src.workloads)} workloads, baseline = reference)")
+        print(f"          candidates: {', '.join('work/' + n for n in EXAMPLES)}\n")
+        failures = anyio.run(_session, ws)
+        print(f"\ndemo {'finished' if not failures else f'finished with {failures} unexpected result(s)'}")
+        return 1 if failures else 0
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
