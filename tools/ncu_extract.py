@@ -116,7 +116,7 @@ PM_SERIES = {
     "ctas_launched": "FE_B.TriageCompute.gr__ctas_launched_realtime.sum",
 }
 TOP_LINES = 8
-TOP_SASS = 8
+TOP_SASS = 3  # disassembling one PC costs ~15 ms
 
 
 def _stall_name(raw: str) -> str:
@@ -202,6 +202,13 @@ def _source_lines(action) -> dict[str, list[str]]:
         return {}
 
 
+def _inside(t: int, windows: list[tuple[int, int]]) -> bool:
+    for s, e in windows:
+        if s <= t <= e:
+            return True
+    return False
+
+
 def _timeline(action, names: set[str]) -> dict[str, Any]:
     """PmSampling series inside the kernel's own window, reduced to ramp / steady / tail."""
     start = end = None
@@ -226,20 +233,13 @@ def _timeline(action, names: set[str]) -> dict[str, Any]:
         if name not in names:
             continue
         pts = [(t, v) for t, v in _instances(action[name]) if t]
-        inside = [v for t, v in pts if any(s <= t <= e for s, e in windows)]
+        inside = [v for t, v in pts if _inside(t, windows)]
         if inside:
             series[key] = [round(v, 3) for v in inside]
-    stall_series: dict[str, float] = {}
-    for n in names:
-        if n.startswith("pmsampling:smsp__warps_issue_stalled_"):
-            raw = n[len("pmsampling:smsp__warps_issue_stalled_"):].split(".")[0]
-            pts = [(t, v) for t, v in _instances(action[n]) if t]
-            stall_series[_stall_name(raw)] = sum(v for t, v in pts if any(s <= t <= e for s, e in windows))
     return {
         "interval_ns": interval,
         "window_ns": [e - s for s, e in windows][:1],
         "series": series,
-        "stall_totals": stall_series,
     }
 
 
@@ -275,11 +275,7 @@ def _hotspots(action, names: set[str], sources: dict[str, list[str]]) -> dict[st
             for k, v in vals.items():
                 agg[k] = agg.get(k, 0.0) + v
         if vals.get("samples"):
-            try:
-                text = action.sass_by_pc(pc).strip()
-            except Exception:
-                text = ""
-            sass.append({"pc": pc, "sass": text, **{k: v for k, v in vals.items()},
+            sass.append({"pc": pc, **{k: v for k, v in vals.items()},
                          "file": loc[0] if loc else None, "line": loc[1] if loc else None})
 
     def line_rows(key: str, top: int) -> list[dict[str, Any]]:
@@ -293,13 +289,21 @@ def _hotspots(action, names: set[str], sources: dict[str, list[str]]) -> dict[st
         return out
 
     sass.sort(key=lambda r: -r.get("samples", 0))
+    sass = sass[:TOP_SASS]
+    # The disassembler costs ~0.5 s to start in each process: only kernels without source
+    # correlation (where SASS is all the hotspot there is) get instruction text.
+    for row in sass if not lines else []:
+        try:
+            row["sass"] = action.sass_by_pc(row["pc"]).strip()
+        except Exception:
+            row["sass"] = ""
     return {
         "pcs": len(pcs),
         "pcs_with_source": with_source,
         "has_source": bool(lines),
         "source_imported": bool(sources),
         "lines": line_rows("samples", TOP_LINES),
-        "sass": sass[:TOP_SASS],
+        "sass": sass,
         "by_memory": {k: line_rows(k, 3) for k in PER_PC_MEMORY},
     }
 
@@ -364,7 +368,15 @@ def extract_action(action, index: int) -> dict[str, Any]:
     }
 
 
+REPORT_MAGIC = b"NVR\x00"
+
+
 def extract(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != REPORT_MAGIC:
+        raise ValueError(f"{os.path.basename(path)} is not an Nsight Compute report (no NVR header; "
+                         f"{'empty file' if not head else 'starts with ' + head.hex()})")
     ncu_report = import_ncu_report()
     try:
         report = ncu_report.load_report(path)
@@ -379,8 +391,8 @@ def extract(path: str) -> dict[str, Any]:
             k["range"] = r
             kernels.append(k)
     if not kernels:
-        raise ValueError(f"the report has {ranges} range(s) and no profiled kernel: the NVTX filter or "
-                         "kernel filter matched nothing")
+        raise ValueError(f"the report holds {ranges} range(s) and no profiled kernel: it is truncated, or "
+                         "the NVTX/kernel filter matched nothing (an empty range)")
     return {"schema": SCHEMA_VERSION, "reader": getattr(ncu_report, "__file__", "ncu_report"),
             "kernels": kernels}
 
