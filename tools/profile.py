@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -190,6 +191,7 @@ def find_ncu() -> Optional[str]:
     return None
 
 
+@lru_cache(maxsize=4)
 def ncu_version(exe: str) -> str:
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -285,6 +287,25 @@ def resolve_candidate(ws: Workspace, path: Optional[str], candidate: Optional[st
     return load_candidate(ws, rel)
 
 
+def prepare_job(ws: Workspace, cand: Candidate, workload: dict[str, Any], exe: str) -> tuple[Path, Path, Path, list[str]]:
+    """A fresh job dir holding a copy of the candidate and the target's spec, and the ncu argv.
+    (benchmarks/profile.py runs the same argv by hand to measure the tool's overhead.)"""
+    job_dir = Path(tempfile.mkdtemp(prefix="kda-profile-"))
+    cdir = job_dir / "candidate"
+    cdir.mkdir()
+    for rel, text in cand.sources.items():
+        p = cdir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    spec = {"candidate_dir": str(cdir), "entry_file": cand.spec.entry_file, "entry_symbol": cand.spec.entry_symbol,
+            "destination_passing_style": cand.spec.destination_passing_style, "definition": ws.definition(),
+            "workload": workload, "warmup": 3, "seed": 0, "range": NVTX_RANGE}
+    (job_dir / "spec.json").write_text(json.dumps(spec))
+    out_base = job_dir / "report"
+    argv = ncu_argv(exe, out_base, [sys.executable, "-m", "kda.sandbox.profile_target", str(job_dir / "spec.json")])
+    return job_dir, cdir, out_base, argv
+
+
 def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: str,
             timeout_s: Optional[float] = None) -> dict[str, Any]:
     """Run ncu on one call of the candidate; store report + run; return the run id and summary."""
@@ -304,20 +325,8 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
                            "profile_summary, which works without it")
     pol = ws.policy.sandbox
     timeout = min(float(timeout_s or PROFILE_TIMEOUT_S), float(pol.wall_timeout_s))
-    job_dir = Path(tempfile.mkdtemp(prefix="kda-profile-"))
+    job_dir, cdir, out_base, argv = prepare_job(ws, cand, workload, exe)
     try:
-        cdir = job_dir / "candidate"
-        cdir.mkdir()
-        for rel, text in cand.sources.items():
-            p = cdir / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
-        spec = {"candidate_dir": str(cdir), "entry_file": cand.spec.entry_file, "entry_symbol": cand.spec.entry_symbol,
-                "destination_passing_style": cand.spec.destination_passing_style, "definition": ws.definition(),
-                "workload": workload, "warmup": 3, "seed": 0, "range": NVTX_RANGE}
-        (job_dir / "spec.json").write_text(json.dumps(spec))
-        out_base = job_dir / "report"
-        argv = ncu_argv(exe, out_base, [sys.executable, "-m", "kda.sandbox.profile_target", str(job_dir / "spec.json")])
         job = Job(argv=argv, cwd=job_dir, hide_paths=[ws.root], gpu=True, wall_timeout_s=timeout,
                   limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
                                 max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
@@ -340,7 +349,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
         record = {
             "report_blob": sha, "report_bytes": len(data), "workload_uuid": workload["uuid"],
             "workload_axes": workload.get("axes", {}), "workload_choice": why, "candidate_path": cand.path,
-            "source_root": str(cdir), "ncu": exe, "ncu_version": ncu_version(exe), "command": argv[:-3] + ["<target>"],
+            "source_root": str(cdir), "ncu": exe, "ncu_version": ncu_version(exe), "command": argv[:-4] + ["<profile_target>"],
             "isolation": res.isolation, "collect_s": round(collect_s, 3), "wall_timeout_s": timeout,
         }
         run_id = ws.store.put_run("profile", role, "ok", f"profile of {cand.path} on workload {workload['uuid']}",
@@ -355,6 +364,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
             "isolation": record["isolation"]}
 
 
+@lru_cache(maxsize=1)
 def _device_name() -> Optional[str]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
