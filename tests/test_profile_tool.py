@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,47 @@ def test_default_workload_is_slowest_against_baseline(workspace):
     w2, why2 = default_workload(workspace, cand)
     assert w2["uuid"] == wls[3]["uuid"] and "0.70x" in why2
     json.dumps(why2)
+
+
+# --- the collection pipeline with a stand-in for ncu (CI has no GPU) ---------------------------------
+def _fake_ncu(monkeypatch, script: str):
+    """Replace the ncu command line by a Python one-liner run in the same sandbox job: it gets the
+    report path ncu would write (`-o BASE`) as argv[1] and the fixtures folder as argv[2]."""
+    import kda.tools.profile as prof
+
+    monkeypatch.setattr(prof, "find_ncu", lambda: sys.executable)
+    monkeypatch.setattr(prof, "ncu_version", lambda exe: "fake")
+    monkeypatch.setattr(prof, "ncu_argv", lambda exe, out_base, target: [exe, "-c", script, str(out_base), str(NCU), *target])
+
+
+def test_collect_stores_report_and_run(workspace, monkeypatch):
+    from kda.tools.profile import collect
+
+    _fake_ncu(monkeypatch, "import shutil,sys; shutil.copyfile(sys.argv[2] + '/vadd_full.ncu-rep', sys.argv[1] + '.ncu-rep')")
+    rel = _candidate(workspace)
+    cand = resolve_candidate(workspace, rel, None)
+    res = collect(workspace, cand, None, "writer")
+    run = workspace.store.get_run(res["run_id"])
+    assert run["kind"] == "profile" and run["candidate_hash"] == cand.content_hash and run["candidate_path"] == rel
+    assert run["record"]["report_blob"] == res["report_sha"]
+    assert workspace.store.get_blob(res["report_sha"]) == (NCU / "vadd_full.ncu-rep").read_bytes()
+    assert res["summary"]["kernels"][0]["bottleneck"]["name"] == "dram_bandwidth"
+    assert res["workload"]["axes"]["batch_size"] == 8192 and "no benchmark" in res["workload_choice"]
+    assert run["record"]["isolation"] in ("bubblewrap", "rlimits-only")
+
+
+def test_collect_failures_are_clear(workspace, monkeypatch):
+    from kda.tools.profile import collect
+
+    rel = _candidate(workspace)
+    cand = resolve_candidate(workspace, rel, None)
+    _fake_ncu(monkeypatch, "print('==WARNING== No kernels were profiled.')")
+    with pytest.raises(KdaError, match="no kernel ran inside the NVTX range"):
+        collect(workspace, cand, None, "writer")
+    _fake_ncu(monkeypatch, "import sys; print('==ERROR== ERR_NVGPUCTRPERM - no permission'); sys.exit(1)")
+    with pytest.raises(NotAvailable, match="performance counters"):
+        collect(workspace, cand, None, "writer")
+    _fake_ncu(monkeypatch, "import time; time.sleep(60)")
+    with pytest.raises(KdaError, match="timed out after 2 s"):
+        collect(workspace, cand, None, "writer", timeout_s=2)
+    assert not workspace.store.list_runs(kind="profile")  # nothing half-written

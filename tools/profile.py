@@ -297,9 +297,10 @@ def prepare_job(ws: Workspace, cand: Candidate, workload: dict[str, Any], exe: s
         p = cdir / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
-    spec = {"candidate_dir": str(cdir), "entry_file": cand.spec.entry_file, "entry_symbol": cand.spec.entry_symbol,
+    spec = {"candidate_dir": str(cdir), "entry_point": cand.spec.entry_point,
             "destination_passing_style": cand.spec.destination_passing_style, "definition": ws.definition(),
-            "workload": workload, "warmup": 3, "seed": 0, "range": NVTX_RANGE}
+            "workload": workload, "safetensors_root": str(ws.task_dir), "warmup": 3, "seed": 0,
+            "range": NVTX_RANGE}
     (job_dir / "spec.json").write_text(json.dumps(spec))
     out_base = job_dir / "report"
     argv = ncu_argv(exe, out_base, [sys.executable, "-m", "kda.sandbox.profile_target", str(job_dir / "spec.json")])
@@ -327,7 +328,9 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
     timeout = min(float(timeout_s or PROFILE_TIMEOUT_S), float(pol.wall_timeout_s))
     job_dir, cdir, out_base, argv = prepare_job(ws, cand, workload, exe)
     try:
-        job = Job(argv=argv, cwd=job_dir, hide_paths=[ws.root], gpu=True, wall_timeout_s=timeout,
+        # The workspace is hidden from the candidate except task/ (read-only: safetensors inputs).
+        job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True,
+                  wall_timeout_s=timeout,
                   limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
                                 max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
         t0 = time.monotonic()
