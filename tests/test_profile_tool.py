@@ -214,3 +214,18 @@ def test_collect_failures_are_clear(workspace, monkeypatch):
     with pytest.raises(KdaError, match="timed out after 2 s"):
         collect(workspace, cand, None, "writer", timeout_s=2)
     assert not workspace.store.list_runs(kind="profile")  # nothing half-written
+
+
+def test_hotspots_map_back_to_the_candidate(workspace):
+    """Sources captured in the job dir are reported under the candidate's workspace path."""
+    from pathlib import PurePosixPath
+
+    data = extract_report_file(NCU / "cuda_bottlenecks.ncu-rep")
+    captured_dir = str(PurePosixPath(data["kernels"][0]["hotspots"]["lines"][0]["file"]).parent)
+    sha = workspace.store.put_blob((NCU / "cuda_bottlenecks.ncu-rep").read_bytes(), REPORT_MEDIA_TYPE)
+    run = workspace.store.put_run("profile", "writer", "ok", "fixture",
+                                  {"report_blob": sha, "source_root": captured_dir, "candidate_path": "work/v1"})
+    s, _ = summary_for(workspace, run, kernel="strided_copy")
+    top = s["kernels"][0]["actions"][0]["hotspots"][0]
+    assert top["file"] == "work/v1/kernels.cu" and top["where"] == f"work/v1/kernels.cu:{top['line']}"
+    assert "work/v1/kernels.cu:" in s["text"] and "work/v1/kernels.cu" in s["headline"]

@@ -352,7 +352,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
         record = {
             "report_blob": sha, "report_bytes": len(data), "workload_uuid": workload["uuid"],
             "workload_axes": workload.get("axes", {}), "workload_choice": why, "candidate_path": cand.path,
-            "source_root": str(cdir), "ncu": exe, "ncu_version": ncu_version(exe), "command": argv[:-4] + ["<profile_target>"],
+            "source_root": str(cdir.resolve()), "ncu": exe, "ncu_version": ncu_version(exe), "command": argv[:-4] + ["<profile_target>"],
             "isolation": res.isolation, "collect_s": round(collect_s, 3), "wall_timeout_s": timeout,
         }
         run_id = ws.store.put_run("profile", role, "ok", f"profile of {cand.path} on workload {workload['uuid']}",
