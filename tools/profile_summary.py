@@ -173,8 +173,11 @@ def _wiki_index(pages_dir: str, stamp: float) -> tuple[dict[str, list[tuple[str,
         archs[pid] = {str(a) for a in meta.get("architectures") or []}
         # Playbooks and technique pages answer a symptom; kernel pages mostly mention it.
         weight = {"playbook": 4, "technique": 3, "pattern": 2, "hardware": 1}.get(str(meta.get("type")), 0)
-        for pos, s in enumerate(meta.get("symptoms") or []):
-            out.setdefault(str(s), []).append((pid, weight + (2 if pos == 0 else 0)))
+        symptoms = [str(x) for x in meta.get("symptoms") or []]
+        specific = 1 if len(symptoms) <= 2 else 0  # a page about few symptoms is about this one
+        for pos, sym in enumerate(symptoms):
+            named = 4 if all(tok in pid for tok in sym.replace("stall_", "").split("_")) else 0
+            out.setdefault(sym, []).append((pid, weight + specific + named + (2 if pos == 0 else 0)))
     return out, archs
 
 
@@ -495,7 +498,8 @@ def actions(k: dict[str, Any], primary: str, found: list[dict[str, Any]]) -> lis
         if sym in seen or not f["evidence"]:
             continue  # no action without evidence
         seen.add(sym)
-        wiki_keys = [sym] + ([f["stall"]] if f.get("stall") else [])
+        # The stall is the symptom's mechanism only when latency is the finding itself.
+        wiki_keys = [sym] + ([f["stall"]] if f.get("stall") and sym == "memory_latency" else [])
         out.append({"rank": len(out) + 1, "symptom": sym, "action": ACTIONS[sym], "why": f["why"],
                     "evidence": f["evidence"], "ncu_est_speedup_pct": speed, "ncu_rules": rules,
                     "hotspots": _hotspots_for(k, f), "wiki": wiki_for(wiki_keys, _arch(k))})
@@ -511,6 +515,9 @@ def summarize_kernel(k: dict[str, Any]) -> dict[str, Any]:
                        "metric set; collect with `ncu --set full` (the profile tool does)")
     found = findings(k)
     primary = classify(k, found)
+    if primary["name"] not in {f["symptom"] for f in found}:
+        found.insert(0, {"symptom": primary["name"], "strength": 0.3, "why": primary["why"],
+                         "evidence": primary["evidence"]})
     hs = k.get("hotspots") or {}
     total = sum(r.get("samples", 0) for r in hs.get("lines", [])) or 1
     notes = []
@@ -582,6 +589,10 @@ def _fmt_ev(ev: list[dict[str, Any]], n: int = 4) -> str:
                      f"{e['metric']}={e['value']}" for e in ev[:n])
 
 
+def _na(v: Any, unit: str = "") -> str:
+    return "n/a" if v is None else f"{v}{unit}"
+
+
 def render_text(summaries: list[dict[str, Any]], detail_kernels: int = 2) -> str:
     lines: list[str] = []
     order = sorted(summaries, key=lambda s: -(s["duration_us"] or 0))
@@ -597,32 +608,35 @@ def render_text(summaries: list[dict[str, Any]], detail_kernels: int = 2) -> str
         bn = s["bottleneck"]
         lines.append(f"Bottleneck: {bn['name']} ({bn['description']}). {bn['why']}. Evidence: {_fmt_ev(bn['evidence'])}")
         sol = s["sol"]
-        lines.append(f"SOL: SM {sol['sm_pct']}%, memory {sol['memory_pct']}%, DRAM {sol['dram_pct']}%, "
-                     f"L1 {sol['l1_pct']}%, L2 {sol['l2_pct']}%")
+        lines.append(f"SOL: SM {_na(sol['sm_pct'], '%')}, memory {_na(sol['memory_pct'], '%')}, "
+                     f"DRAM {_na(sol['dram_pct'], '%')}, L1 {_na(sol['l1_pct'], '%')}, L2 {_na(sol['l2_pct'], '%')}")
         lines.append(f"Occupancy/launch: grid {o['grid']} x block {o['block']} ({o['blocks']:.0f} blocks, "
                      f"{o['sm_count']:.0f} SMs, {o['waves_per_sm']} waves); {o['registers_per_thread']:.0f} regs, "
                      f"{o['shared_mem_per_block']:.0f} B smem/block; occupancy theoretical {o['theoretical_pct']}% "
                      f"achieved {o['achieved_pct']}% (limiter: {o['limiter']})"
                      if o["blocks"] is not None and o["sm_count"] and o["registers_per_thread"] is not None
                      and o["shared_mem_per_block"] is not None else
-                     f"Occupancy/launch: theoretical {o['theoretical_pct']}% achieved {o['achieved_pct']}%")
-        lines.append(f"Balance/tail: SMs busy {b['sm_busy_pct']}% of elapsed, imbalance {b['imbalance_pct']}% "
-                     f"(max vs mean active cycles), last wave fill {b['last_wave_fill']}")
+                     f"Occupancy/launch: theoretical {_na(o['theoretical_pct'], '%')} achieved "
+                     f"{_na(o['achieved_pct'], '%')}")
+        lines.append(f"Balance/tail: SMs busy {_na(b['sm_busy_pct'], '%')} of elapsed, imbalance "
+                     f"{_na(b['imbalance_pct'], '%')} (max vs mean active cycles), last wave fill "
+                     f"{_na(b['last_wave_fill'])}")
         lines.append("Stalls (share of samples): " +
                      (", ".join(f"{r['stall']} {r['pct']}%" for r in d["stalls"][:5]) or "no samples"))
-        lines.append(f"Tensor cores: {'used' if t['uses_tensor_cores'] else 'not used'} (tensor {t['tensor_pct']}%); "
-                     f"busiest pipe {t['busiest_pipe']} " +
+        lines.append(f"Tensor cores: {'used' if t['uses_tensor_cores'] else 'not used'} "
+                     f"(tensor {_na(t['tensor_pct'], '%')}); busiest pipe {_na(t['busiest_pipe'])}: " +
                      ", ".join(f"{p} {v}%" for p, v in sorted(t["pipes_pct"].items(), key=lambda kv: -(kv[1] or 0))[:4]))
         if tl.get("samples", 0) >= 4 and "ramp_pct" in tl:
             lines.append(f"Timeline ({tl['series']}, {tl['samples']} samples): {tl['shape']}; ramp {tl['ramp_pct']}%, "
                          f"steady {tl['steady_pct']}% at ~{tl['steady_mean_pct']}% of peak, tail {tl['tail_pct']}%")
         else:
             lines.append(f"Timeline: {tl.get('shape')}")
-        lines.append(f"Memory: global load {m['global_load_sectors_per_request']} sectors/request "
-                     f"({m['global_load_bytes_per_sector']} B used of 32), sectors vs ideal {m['global_sectors_vs_ideal']}x; "
-                     f"L1 hit {m['l1_hit_pct']}%, L2 hit {m['l2_hit_pct']}%; shared wavefronts vs ideal "
-                     f"{m['shared_wavefronts_vs_ideal']}x; local memory {100 * (m['local_share'] or 0):.0f}% of sectors, "
-                     f"spill instructions {m['spill_instructions']}")
+        lines.append(f"Memory: global load {_na(m['global_load_sectors_per_request'])} sectors/request "
+                     f"({_na(m['global_load_bytes_per_sector'])} B used of 32), sectors vs ideal "
+                     f"{_na(m['global_sectors_vs_ideal'], 'x')}; L1 hit {_na(m['l1_hit_pct'], '%')}, L2 hit "
+                     f"{_na(m['l2_hit_pct'], '%')}; shared wavefronts vs ideal {_na(m['shared_wavefronts_vs_ideal'], 'x')}; "
+                     f"local memory {100 * (m['local_share'] or 0):.0f}% of sectors, spill instructions "
+                     f"{_na(m['spill_instructions'])}")
         if s["hotspots"]:
             lines.append("Hotspots (stall samples): " + "; ".join(
                 f"{h['where']} {h['samples_pct']}% {h['top_stall'] or ''} `{(h['text'] or '')[:70]}`" for h in s["hotspots"][:3]))
