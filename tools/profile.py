@@ -131,13 +131,12 @@ def report_data(ws: Workspace, ref: str, timeout_s: float = EXTRACT_TIMEOUT_S) -
     if info["path"] is not None:
         data, cached = extract_cached(ws, info["path"], info["sha"], timeout_s)
         return data, {**info, "cached": cached}
-    blob = ws.store.blob_path(info["sha"])
-    if not blob.exists():
+    if not ws.store.blob_path(info["sha"]).exists():
         raise BadInput(f"the stored report {info['sha']} is missing from the blob store")
+    report = ws.store.get_blob(info["sha"])  # checks the content hash
     with tempfile.TemporaryDirectory(prefix="kda-ncu-") as tmp:
-        # The reader wants a .ncu-rep name; a hard link or copy of the blob gives it one.
-        tmp_path = Path(tmp) / "report.ncu-rep"
-        shutil.copyfile(blob, tmp_path)
+        tmp_path = Path(tmp) / "report.ncu-rep"  # the reader wants a file; a blob has no name
+        tmp_path.write_bytes(report)
         data, cached = extract_cached(ws, tmp_path, info["sha"], timeout_s)
     return data, {**info, "cached": cached}
 
