@@ -10,8 +10,8 @@ Limits: RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE are set before exe
 GPU jobs); a watchdog thread sums the resident memory of the job's process tree and kills
 the tree past `Limits.max_rss_bytes`. The same watchdog kills a tree that reaches
 `Limits.max_processes`, because RLIMIT_NPROC is never enforced for root: when the server runs
-as root inside bubblewrap, the job itself is dropped to uid/gid 65534 (setpriv) so the kernel
-enforces RLIMIT_NPROC too. RLIMIT_NPROC counts every process of that uid on the machine.
+as root inside bubblewrap, each job is dropped to its own unprivileged uid (setpriv, no
+capabilities) so the kernel enforces RLIMIT_NPROC for exactly that job's processes too.
 
 Without bubblewrap the job runs as a plain subprocess with the same limits and every result
 says `isolation: rlimits-only`; `require_isolation=True` refuses that with install advice.
@@ -35,7 +35,9 @@ from typing import Callable
 
 from kda.tools.errors import NotAvailable
 
-NOBODY = 65534
+# As root, each job runs under its own unprivileged uid from this range (no passwd entry needed):
+# RLIMIT_NPROC then counts exactly that job's processes, and jobs cannot signal one another.
+JOB_UID_BASE, JOB_UID_SPAN = 1_900_000, 100_000
 _ENV_ALLOW = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH",
     "LD_LIBRARY_PATH", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "CUDA_DEVICE_ORDER",
@@ -115,9 +117,15 @@ def isolation_available() -> bool:
     return _probe_bwrap()
 
 
-def _drop_to_nobody() -> bool:
-    # As root, RLIMIT_NPROC means nothing; inside bubblewrap we switch the job to uid 65534.
+def _drop_privileges() -> bool:
+    # As root, RLIMIT_NPROC means nothing; inside bubblewrap we switch the job to its own uid.
     return os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def _job_uid() -> int:
+    import secrets
+
+    return JOB_UID_BASE + secrets.randbelow(JOB_UID_SPAN)
 
 
 def _unshare_args(network: bool) -> list[str]:
@@ -176,7 +184,7 @@ def _home_rebinds() -> tuple[list[Path], list[Path]]:
     return [home], keep
 
 
-def _bwrap_argv(job: Job) -> list[str]:
+def _bwrap_argv(job: Job, uid: int | None) -> list[str]:
     cwd = Path(job.cwd).resolve()
     a = [_bwrap() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
          "--perms", "1777", "--tmpfs", "/tmp"]
@@ -185,7 +193,7 @@ def _bwrap_argv(job: Job) -> list[str]:
 
     def parents(dest: Path) -> list[str]:
         # bwrap creates missing mount points inside a tmpfs with mode 0700, which the job (as
-        # uid 65534) could not traverse; create them 0755 first.
+        # its unprivileged uid) could not traverse; create them 0755 first.
         out: list[str] = []
         for anc in reversed(dest.parents):
             if anc not in made and any(anc != t and anc.is_relative_to(t) for t in tmpfs_roots):
@@ -223,21 +231,19 @@ def _bwrap_argv(job: Job) -> list[str]:
             a += ["--dev-bind", str(node), str(node)]
     a += _unshare_args(job.network)
     a += ["--die-with-parent", "--new-session"]
-    if _drop_to_nobody():
-        a += ["--", "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    if uid is not None:
+        a += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
               "--bounding-set=-all", "--inh-caps=-all"]
     else:
         a += ["--cap-drop", "ALL", "--"]
     return a + list(job.argv)
 
 
-def _make_writable_for_job(job: Job) -> None:
-    if not _drop_to_nobody():
-        return
+def _make_writable_for_job(job: Job, uid: int) -> None:
     for top in [Path(job.cwd), *map(Path, job.rw_paths)]:
         for p in [top, *top.rglob("*")] if top.is_dir() else [top]:
             try:
-                os.chown(p, NOBODY, NOBODY, follow_symlinks=False)
+                os.chown(p, uid, uid, follow_symlinks=False)
             except OSError:
                 pass
 
@@ -278,8 +284,10 @@ def _prepare(job: Job, require_isolation: bool) -> tuple[list[str], str]:
     if not Path(job.cwd).is_dir():
         raise NotAvailable(f"job directory {job.cwd} does not exist")
     if isolation_available():
-        _make_writable_for_job(job)
-        return _bwrap_argv(job), "bubblewrap"
+        uid = _job_uid() if _drop_privileges() else None
+        if uid is not None:
+            _make_writable_for_job(job, uid)
+        return _bwrap_argv(job, uid), "bubblewrap"
     if require_isolation:
         raise NotAvailable(INSTALL_HINT)
     return list(job.argv), "rlimits-only"

@@ -158,8 +158,8 @@ def test_output_tail_is_capped(job_dir):
 
 
 def test_sandboxed_python_imports_our_package(job_dir):
-    r = run_job(Job(argv=[sys.executable, "-c", "import kda.sandbox.runner as r; print(r.NOBODY)"], cwd=job_dir))
-    assert r.ok and r.stdout_tail.strip() == "65534", r.stderr_tail
+    r = run_job(Job(argv=[sys.executable, "-c", "import kda.sandbox.runner as r; print(r.JOB_UID_BASE)"], cwd=job_dir))
+    assert r.ok and r.stdout_tail.strip() == str(runner.JOB_UID_BASE), r.stderr_tail
 
 
 def test_spawn_talks_over_pipes_and_is_killed(job_dir):
