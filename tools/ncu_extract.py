@@ -154,16 +154,43 @@ def nsight_python_dirs() -> list[tuple[tuple[int, ...], str]]:
     return sorted(out, reverse=True)
 
 
+READER_ENV = "KDA_NCU_READER_DIR"
+_reader_dir: str | None = None  # the Nsight Compute extras/python this process reads with, if any
+
+
 def import_ncu_report():
-    """The newest reader available: Nsight Compute's own when newer than the wheel."""
-    wheel = _wheel_version()
-    for ver, d in nsight_python_dirs():
-        if ver > wheel:
-            sys.path.insert(0, d)
-            break
+    """The newest reader available: Nsight Compute's own when newer than the wheel
+    (or the one $KDA_NCU_READER_DIR names)."""
+    global _reader_dir
+    forced = os.environ.get(READER_ENV)
+    if forced:
+        _reader_dir = forced
+    else:
+        wheel = _wheel_version()
+        _reader_dir = next((d for ver, d in nsight_python_dirs() if ver > wheel), None)
+    if _reader_dir:
+        sys.path.insert(0, _reader_dir)
     import ncu_report  # noqa: PLC0415
 
     return ncu_report
+
+
+def _retry_with_other_readers(path: str) -> int | None:
+    """A report newer than the default reader reads as empty: try each Nsight Compute install's
+    own reader in a fresh process. Returns its exit status, or None when there is none to try."""
+    if os.environ.get(READER_ENV):
+        return None
+    import subprocess  # noqa: PLC0415
+
+    for _, d in nsight_python_dirs():
+        if _reader_dir and os.path.realpath(d) == os.path.realpath(_reader_dir):
+            continue
+        r = subprocess.run([sys.executable, "-m", "kda.tools.ncu_extract", path], env={**os.environ, READER_ENV: d},
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            sys.stdout.write(r.stdout)
+            return 0
+    return None
 
 
 def _num(v: Any) -> Any:
@@ -413,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_NO_MODULE
     except ValueError as e:
+        if "no profiled kernel" in str(e) and _retry_with_other_readers(path) == 0:
+            return 0
         print(str(e), file=sys.stderr)
         return EXIT_BAD_REPORT
     json.dump(data, sys.stdout, separators=(",", ":"), default=str)
