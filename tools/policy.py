@@ -86,6 +86,14 @@ class SandboxPolicy(_Strict):
     wall_timeout_s: float = Field(gt=0)
 
 
+class BenchmarkPolicy(_Strict):
+    call_timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest one candidate call may take.")
+    # Integrity thresholds (floors: a workspace may lower them, never raise them).
+    interference_ratio: float = Field(1.25, gt=1.0, le=2.0)
+    cpu_interference_ratio: float = Field(2.0, gt=1.0, le=4.0)
+    unaccounted_us: float = Field(15.0, gt=0, le=1000.0)
+
+
 class Policy(_Strict):
     name: str
     roles: dict[Literal["writer", "reviewer"], RolePolicy]
@@ -94,6 +102,7 @@ class Policy(_Strict):
     acceptance: AcceptancePolicy
     candidate: CandidatePolicy
     sandbox: SandboxPolicy
+    benchmark: BenchmarkPolicy = BenchmarkPolicy()
 
     @field_validator("roles")
     @classmethod
@@ -158,6 +167,10 @@ def _check_floors(p: Policy, base: Policy, source: str) -> None:
         looser.append(f"correctness.min_trials {c.min_trials} < floor {b.min_trials}")
     if base.sandbox.require_isolation and not p.sandbox.require_isolation:
         looser.append("sandbox.require_isolation turned off")
+    bp, bb = p.benchmark, base.benchmark
+    for key in ("interference_ratio", "cpu_interference_ratio", "unaccounted_us"):
+        if getattr(bp, key) > getattr(bb, key):
+            looser.append(f"benchmark.{key} {getattr(bp, key)} > floor {getattr(bb, key)}")
     missing = [g for g in base.paths.protected if g not in p.paths.protected]
     if missing:
         looser.append(f"paths.protected drops {missing}")

@@ -1,0 +1,778 @@
+"""The benchmark orchestration: correctness and timing of a candidate against the locked baseline.
+
+Two sandboxed worker processes per run (`kda.sandbox.bench_worker`):
+- the trusted worker holds the definition's reference and the locked baseline; it times the
+  baseline and checks the candidate's results (reference outputs never leave it);
+- the candidate's worker imports the candidate and never shares a process with the reference.
+
+Per run: both workers start; the baseline is timed alone ("clean") on every selected workload
+before the candidate is imported; then per workload: correctness trials on inputs drawn from
+seeds mixed with a per-run secret (outputs poisoned, results and post-call inputs written to a
+file the trusted worker compares), then timing in blocks that alternate baseline and candidate
+(B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2 flushed,
+device synchronized; after every candidate block the outputs of one timed iteration (picked at
+random after the block) are checked. Medians with bootstrap intervals, speedups against the
+locked baseline, the physical floor, the interference check, the lock re-checked at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import floor as floor_mod
+from .candidate import Candidate, load_candidate
+from .errors import BadInput, KdaError, LockMismatch, NotAvailable
+from .jobs import Cancelled, CancelToken, Lease, executor
+from .store import new_id
+from .workspace import Workspace
+
+SUPPORTED_LANGUAGES = ("python", "triton")
+EVALUATION_STATUSES = ("PASSED", "INCORRECT_SHAPE", "INCORRECT_NUMERICAL", "INCORRECT_DTYPE", "RUNTIME_ERROR",
+                       "COMPILE_ERROR", "TIMEOUT")
+OUR_STATUSES = ("INPUT_MUTATED", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "SANDBOX_VIOLATION")
+# Most severe first: the run's status is the most severe of its workloads'.
+SEVERITY = ("SANDBOX_VIOLATION", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "INPUT_MUTATED", "COMPILE_ERROR",
+            "RUNTIME_ERROR", "TIMEOUT", "INCORRECT_SHAPE", "INCORRECT_DTYPE", "INCORRECT_NUMERICAL", "PASSED")
+MAX_RESTARTS = 2
+SLOTS = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    trials: int
+    warmup: int
+    target_s: float
+    min_iters: int
+    max_iters: int
+    rounds: int
+
+
+def settings_for(mode: str, device: str, min_trials: int) -> Settings:
+    gpu = device != "cpu"
+    if mode == "quick":
+        return (Settings(min_trials, 10, 0.04, 20, 5000, 1) if gpu else Settings(min_trials, 2, 0.03, 5, 60, 1))
+    return (Settings(max(min_trials, 5), 25, 0.15, 50, 20000, 2) if gpu
+            else Settings(max(min_trials, 5), 3, 0.12, 10, 400, 2))
+
+
+# --- request ---------------------------------------------------------------------------------------
+@dataclass
+class BenchRequest:
+    ws: Workspace
+    candidate: Candidate
+    workloads: list[dict[str, Any]]
+    selection: str
+    mode: str
+    role: str
+    kind: str = "benchmark"  # or "verify" (the reviewer's own integrity run)
+
+
+def _var_axes(definition: dict[str, Any]) -> list[str]:
+    return [k for k, a in definition["axes"].items() if a.get("type") == "var"]
+
+
+def select_workloads(definition: dict[str, Any], workloads: list[dict[str, Any]], spec: str | list[str]
+                     ) -> tuple[list[dict[str, Any]], str]:
+    """`all`, a list of uuids, or `sample:N` (N spread evenly over the workloads ordered by their
+    var axes, so the smallest and the largest are always in)."""
+    if isinstance(spec, list):
+        by_id = {w["uuid"]: w for w in workloads}
+        unknown = [u for u in spec if u not in by_id]
+        if unknown:
+            raise BadInput(f"unknown workload uuid(s) {unknown[:5]}; see task_info for the list")
+        if not spec:
+            raise BadInput("workloads: the list of uuids is empty")
+        return [by_id[u] for u in dict.fromkeys(spec)], f"{len(spec)} listed"
+    s = spec.strip()
+    if s == "all":
+        return list(workloads), "all"
+    if s.startswith("sample:"):
+        try:
+            n = int(s.split(":", 1)[1])
+        except ValueError:
+            raise BadInput(f"workloads {spec!r}: expected sample:N with N a positive integer") from None
+        if n < 1:
+            raise BadInput(f"workloads {spec!r}: N must be at least 1")
+        axes = _var_axes(definition)
+        ordered = sorted(workloads, key=lambda w: (floor_mod.min_bytes(definition, w),
+                                                   tuple(w.get("axes", {}).get(a, 0) for a in axes)))
+        if n >= len(ordered):
+            return ordered, f"sample:{n} (all {len(ordered)})"
+        if n == 1:
+            idx = [len(ordered) // 2]
+        else:
+            idx = sorted({round(i * (len(ordered) - 1) / (n - 1)) for i in range(n)})
+        return [ordered[i] for i in idx], f"sample:{n}"
+    raise BadInput(f"workloads {spec!r}: use 'all', 'sample:N' or a list of workload uuids")
+
+
+def resolve_candidate(ws: Workspace, path: str | None, candidate: str | None) -> Candidate:
+    if bool(path) == bool(candidate):
+        raise BadInput("name exactly one of `path` (a directory under work/) or `candidate` (a recorded candidate id)")
+    if candidate:
+        try:
+            from . import candidates_db  # type: ignore[attr-defined]  # the candidate DAG, when present
+        except ImportError:
+            raise NotAvailable("recorded candidate ids are not available in this build; pass path='work/<dir>'") from None
+        return candidates_db.load_recorded(ws, candidate)  # pragma: no cover - provided by the DAG module
+    cand = load_candidate(ws, path)  # type: ignore[arg-type]
+    if cand.spec.language not in SUPPORTED_LANGUAGES:
+        raise NotAvailable(
+            f"{cand.path}: language {cand.spec.language!r} cannot be benchmarked yet; supported: "
+            f"{', '.join(SUPPORTED_LANGUAGES)} (Triton runs in its interpreter on a CPU-only machine)")
+    return cand
+
+
+def prepare(ws: Workspace, path: str | None, candidate: str | None, workloads: str | list[str], mode: str,
+            role: str, kind: str = "benchmark") -> BenchRequest:
+    """Validate everything that can be validated before any process starts (nothing is written)."""
+    if mode not in ("quick", "full"):
+        raise BadInput(f"mode {mode!r}: use 'quick' or 'full'")
+    cand = resolve_candidate(ws, path, candidate)
+    chosen, label = select_workloads(ws.definition(), ws.workloads(), workloads)
+    base = ws.baseline_solution()
+    if base is not None and base["spec"]["language"] not in SUPPORTED_LANGUAGES:
+        raise NotAvailable(f"the locked baseline {base['name']!r} is {base['spec']['language']}; this harness runs "
+                           f"baselines in {', '.join(SUPPORTED_LANGUAGES)} only")
+    return BenchRequest(ws, cand, chosen, label, mode, role, kind)
+
+
+# --- workers ---------------------------------------------------------------------------------------
+class WorkerFailure(Exception):
+    def __init__(self, status: str, check: str, evidence: str, dead: bool = True, traceback: str = ""):
+        super().__init__(evidence)
+        self.status, self.check, self.evidence, self.dead, self.traceback = status, check, evidence, dead, traceback
+
+
+class WorkerClient:
+    """One sandboxed bench worker on pipes: line-JSON requests, replies with alerts."""
+
+    def __init__(self, name: str, job: Any, require_isolation: bool, cancel: CancelToken):
+        from kda.sandbox.runner import spawn
+
+        self.name, self.cancel = name, cancel
+        self.proc = spawn(job, require_isolation=require_isolation, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.isolation = getattr(self.proc, "isolation", "unknown")
+        self.replies: "queue.Queue[dict | None]" = queue.Queue()
+        self.err_tail = bytearray()
+        self.next_id = 1
+        self.alerts: list[dict] = []
+        self.notes: list[str] = []
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+        self._unhook = cancel.on_cancel(self.kill)
+
+    def _read_out(self) -> None:
+        for line in iter(self.proc.stdout.readline, b""):  # type: ignore[union-attr]
+            try:
+                self.replies.put(json.loads(line))
+            except ValueError:
+                self.replies.put({"id": None, "garbage": line[:200].decode(errors="replace")})
+        self.replies.put(None)
+
+    def _read_err(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
+            self.err_tail += chunk
+            if len(self.err_tail) > 256 * 1024:
+                del self.err_tail[: len(self.err_tail) - 128 * 1024]
+
+    def log_tail(self, n: int = 8000) -> str:
+        return bytes(self.err_tail[-n:]).decode("utf-8", errors="replace")
+
+    def _wait_reply(self, rid: int, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.cancel.cancelled:
+                self.kill()
+                raise Cancelled("cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise WorkerFailure("TIMEOUT", "timeout", f"{self.name} worker: {what} took longer than {timeout:.0f} s "
+                                    "(killed)")
+            try:
+                rep = self.replies.get(timeout=min(0.25, left))
+            except queue.Empty:
+                continue
+            if rep is None:
+                self.proc.wait(timeout=5)
+                rc = self.proc.returncode
+                reason = self._death_reason(rc)
+                raise WorkerFailure("RUNTIME_ERROR", "worker_died",
+                                    f"{self.name} worker died during {what} ({reason}); stderr: "
+                                    f"{self.log_tail(600).strip()[-600:]}")
+            if rep.get("id") != rid:
+                self.kill()
+                raise WorkerFailure("SANDBOX_VIOLATION", "protocol",
+                                    f"{self.name} worker sent a reply out of turn during {what} (expected id {rid}, "
+                                    f"got {str(rep)[:200]}): something other than the harness wrote to its reply channel")
+            self.alerts += rep.get("alerts", [])
+            self.notes += rep.get("notes", [])
+            return rep
+
+    def _death_reason(self, rc: int | None) -> str:
+        import signal as _sig
+        if rc is None:
+            return "unknown"
+        if rc < 0:
+            return f"killed by {_sig.Signals(-rc).name}" if -rc in _sig.valid_signals() else f"signal {-rc}"
+        if rc > 128 and (rc - 128) in _sig.valid_signals():
+            return f"killed by {_sig.Signals(rc - 128).name}"
+        return f"exit status {rc}"
+
+    def ready(self, timeout: float) -> dict:
+        rep = self._wait_reply(0, timeout, "start-up")
+        if not rep.get("ok"):
+            err = rep.get("error", {})
+            raise WorkerFailure("RUNTIME_ERROR", "worker_start", f"{self.name} worker could not start: "
+                                f"{err.get('evidence')}", traceback=err.get("traceback", ""))
+        return rep.get("env", {})
+
+    def request(self, op: str, timeout: float, **params: Any) -> dict:
+        rid = self.next_id
+        self.next_id += 1
+        data = (json.dumps({"id": rid, "op": op, **params}) + "\n").encode()
+        try:
+            self.proc.stdin.write(data)  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError):
+            pass  # the reader reports the death with its reason
+        rep = self._wait_reply(rid, timeout, op)
+        if not rep.get("ok"):
+            err = rep.get("error") or {}
+            raise WorkerFailure(err.get("status", "RUNTIME_ERROR"), err.get("check", op),
+                                err.get("evidence", "unknown error"), dead=bool(err.get("fatal")),
+                                traceback=err.get("traceback", ""))
+        return rep
+
+    def take_alerts(self) -> list[dict]:
+        out, self.alerts = self.alerts, []
+        return out
+
+    def take_notes(self) -> list[str]:
+        out, self.notes = self.notes, []
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        from kda.sandbox.runner import kill_tree
+
+        if self.proc.poll() is None:
+            kill_tree(self.proc)
+        else:
+            watch = getattr(self.proc, "_kda_watch", None)
+            if watch is not None:
+                watch.stop.set()
+
+    def close(self) -> None:
+        try:
+            if self.alive():
+                self.proc.stdin.write(b'{"id": -1, "op": "exit"}\n')  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+                self.proc.wait(timeout=5)
+        except Exception:
+            pass
+        self.kill()
+        self._unhook()
+
+
+# --- environment -----------------------------------------------------------------------------------
+def gpu_snapshot(lease: Lease) -> dict[str, Any]:
+    """nvidia-smi's view of the leased GPU (clocks, temperature, power), or why there is none."""
+    if lease.kind != "cuda":
+        return {"device": "cpu"}
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return {"nvidia_smi": "not found"}
+    fields = ["name", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
+              "temperature.gpu", "power.draw", "pstate", "uuid"]
+    try:
+        out = subprocess.run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                              "-i", str(lease.index)], capture_output=True, text=True, timeout=20).stdout
+        vals = [v.strip() for v in out.strip().splitlines()[0].split(",")]
+        return dict(zip(fields, vals))
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return {"nvidia_smi": f"failed: {e}"}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "cpu"
+
+
+# --- the run ---------------------------------------------------------------------------------------
+@dataclass
+class WorkloadState:
+    wl: dict[str, Any]
+    status: str = "PASSED"
+    check: str | None = None
+    evidence: str = ""
+    alerts: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    correctness: dict[str, Any] = field(default_factory=dict)
+    clean: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    cand: list[float] = field(default_factory=list)
+    cand_host: list[float] = field(default_factory=list)
+    cand_warmup: list[dict] = field(default_factory=list)
+    overhead_us: float = 0.0
+    timed_checks: int = 0
+
+    def fail(self, status: str, check: str | None, evidence: str) -> None:
+        if SEVERITY.index(status) < SEVERITY.index(self.status):
+            self.status, self.check, self.evidence = status, check, evidence
+        elif self.status == status and not self.evidence:
+            self.check, self.evidence = check, evidence
+
+
+class BenchRun:
+    def __init__(self, req: BenchRequest, progress: Callable[[float, float | None, str], None],
+                 cancel: CancelToken, store_bandwidth: bool = True):
+        self.req, self.progress, self.cancel = req, progress, cancel
+        self.store_bandwidth = store_bandwidth
+        self.ws = req.ws
+        self.pol = self.ws.policy
+        self.run_id = new_id("run")
+        self.secret = secrets.token_bytes(32)
+        self.rng = random.Random(int.from_bytes(self.secret[:8], "little"))
+        self.definition = self.ws.definition()
+        self.call_timeout = float(self.pol.benchmark.call_timeout_s)
+        self.states = [WorkloadState(w) for w in req.workloads]
+        self.global_alerts: list[dict] = []
+        self.notes: list[str] = []
+        self.trusted: WorkerClient | None = None
+        self.cand: WorkerClient | None = None
+        self.restarts = 0
+        self.n_exchange = 0
+        self.started = time.time()
+
+    # -- seeds
+    def seed(self, *parts: Any) -> int:
+        d = hmac.new(self.secret, "|".join(map(str, parts)).encode(), hashlib.sha256).digest()
+        return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
+
+    # -- directories and jobs
+    def _dirs(self) -> None:
+        self.run_dir = self.ws.kda_dir / "jobs" / self.run_id
+        self.ref_dir = self.run_dir / "ref"
+        self.cand_dir = self.run_dir / "cand"
+        for d in (self.ref_dir, self.cand_dir, self.cand_dir / "src", self.cand_dir / "x"):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.ref_dir / "definition.json").write_text(json.dumps(self.definition))
+        public = {k: v for k, v in self.definition.items() if k != "reference"}
+        (self.cand_dir / "definition.json").write_text(json.dumps(public))
+        for rel, text in self.req.candidate.sources.items():
+            target = (self.cand_dir / "src" / rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        self.baseline = self.ws.baseline_solution()
+        if self.baseline is not None:
+            from kda.sandbox.harness import write_solution_sources
+            write_solution_sources(self.baseline, self.ref_dir / "baseline_src")
+
+    def _job(self, role: str, cwd: Path, lease: Lease, language: str) -> Any:
+        from kda.sandbox.runner import Job, Limits, sandbox_pythonpath
+
+        sb = self.pol.sandbox
+        env = dict(lease.env)
+        if lease.kind == "cpu" and language == "triton":
+            env["TRITON_INTERPRET"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        ro = [*sandbox_pythonpath(), self.ws.task_dir]
+        if role == "trusted":
+            ro.append(self.cand_dir)
+        hide = [self.ws.kda_dir, self.ws.work_dir]
+        device = "cuda" if lease.kind == "cuda" else "cpu"
+        return Job(argv=[sys.executable, "-m", "kda.sandbox.bench_worker", "--role", role, "--device", device],
+                   cwd=cwd, ro_paths=ro, hide_paths=hide, env=env, gpu=lease.kind == "cuda",
+                   wall_timeout_s=float(sb.wall_timeout_s),
+                   limits=Limits(cpu_seconds=sb.cpu_seconds, max_processes=sb.max_processes,
+                                 max_file_bytes=sb.max_file_bytes, max_open_files=sb.max_open_files))
+
+    def _start(self, role: str, lease: Lease) -> WorkerClient:
+        if role == "trusted":
+            lang = self.baseline["spec"]["language"] if self.baseline else "python"
+            job = self._job("trusted", self.ref_dir, lease, lang)
+        else:
+            job = self._job("candidate", self.cand_dir, lease, self.req.candidate.spec.language)
+        return WorkerClient(role, job, self.pol.sandbox.require_isolation, self.cancel)
+
+    def _load_candidate(self) -> dict:
+        assert self.cand is not None
+        spec = self.req.candidate.spec
+        protect = [str(self.ws.task_dir), str(self.ws.root / "policy.toml"), str(self.ws.kda_dir),
+                   str(self.ws.work_dir)]
+        # The worker's own directory is under .kda; it stays writable.
+        return self.cand.request("load", self.call_timeout + 120, definition_file=str(self.cand_dir / "definition.json"),
+                                 dir=str(self.cand_dir / "src"), entry_point=spec.entry_point,
+                                 dps=spec.destination_passing_style, protect=protect,
+                                 allow=[str(self.cand_dir)],
+                                 reference_files=[str(self.ws.task_dir / "definition.json")],
+                                 safetensors_root=str(self.ws.task_dir))
+
+    def _exchange(self) -> Path:
+        self.n_exchange += 1
+        return self.cand_dir / "x" / f"{self.n_exchange}.pt"
+
+    # -- phases
+    def run(self) -> tuple[str, dict[str, Any]]:
+        return self._store(self.run_unstored())
+
+    def run_unstored(self) -> dict[str, Any]:
+        """Everything but storing the run record (the reviewer's verify stores its own)."""
+        self._dirs()
+        try:
+            with executor().lease(None, self.cancel, on_wait=lambda m: self.progress(0, None, m)) as lease:
+                self.lease = lease
+                record = self._run_on(lease)
+        finally:
+            for w in (self.cand, self.trusted):
+                if w is not None:
+                    w.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return record
+
+    def _run_on(self, lease: Lease) -> dict[str, Any]:
+        self.device = "cpu" if lease.kind == "cpu" else "cuda"
+        s = settings_for(self.req.mode, self.device, self.pol.correctness.min_trials)
+        self.settings = s
+        env_start = gpu_snapshot(lease)
+        total = len(self.states)
+        self.progress(0, total, f"starting workers on {lease.label}")
+        self.trusted = self._start("trusted", lease)
+        self.cand = self._start("candidate", lease)
+        t_env = self.trusted.ready(180)
+        c_env = self.cand.ready(180)
+        self.isolation = self.trusted.isolation
+        base_desc: dict[str, Any] = {"kind": "reference"}
+        if self.baseline is not None:
+            bs = self.baseline["spec"]
+            base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"),
+                         "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
+        self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
+                             baseline=base_desc, safetensors_root=str(self.ws.task_dir))
+        device_key = self._device_key(lease, t_env)
+        measure = lambda: {k: v for k, v in self.trusted.request("bandwidth", 120).items()  # noqa: E731
+                           if k in ("bytes_per_s", "method")}
+        bw = floor_mod.cached_bandwidth(self.ws.store, device_key, measure, keep=self.store_bandwidth)
+        # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
+        for i, st in enumerate(self.states):
+            self.cancel.check()
+            key = st.wl["uuid"]
+            self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=SLOTS)
+            r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup, min_iters=s.min_iters,
+                                     max_iters=s.max_iters, target_s=s.target_s, max_s=max(10 * s.target_s, 5.0),
+                                     seed=self.seed(key, "clean"))
+            st.clean = r["lat_us"]
+            self.trusted.request("release", 60, key=key)
+        self.progress(0, total, f"baseline timed alone on {total} workload(s); loading the candidate")
+        # Phase 2: the candidate.
+        compile_error = self._try_load()
+        for i, st in enumerate(self.states):
+            self.cancel.check()
+            if compile_error:
+                st.fail(compile_error.status, compile_error.check, compile_error.evidence)
+            else:
+                self._workload(st, s)
+            self.progress(i + 1, total, f"{st.wl['uuid'][:8]} {self._axes(st.wl)}: {st.status}"
+                          + (f" ({st.evidence[:120]})" if st.status != "PASSED" else ""))
+        env_end = gpu_snapshot(lease)
+        return self._finish(lease, t_env, c_env, env_start, env_end, bw)
+
+    def _try_load(self) -> WorkerFailure | None:
+        try:
+            if self.cand is None or not self.cand.alive():
+                self.cand = self._start("candidate", self.lease)
+                self.cand.ready(180)
+            rep = self._load_candidate()
+            self.global_alerts += self.cand.take_alerts()
+            self.notes += self.cand.take_notes()
+            self.import_s = rep.get("import_s")
+            return None
+        except WorkerFailure as e:
+            st = "COMPILE_ERROR" if e.status in ("COMPILE_ERROR", "RUNTIME_ERROR") and e.check in ("load",) else e.status
+            if e.traceback:
+                self.notes.append("candidate load traceback:\n" + e.traceback[-2000:])
+            return WorkerFailure(st, e.check, f"the candidate could not be loaded: {e.evidence}")
+
+    def _time_timeout(self) -> float:
+        s = self.settings
+        return max(10 * s.target_s, 5.0) + self.call_timeout * 2 + 30
+
+    @staticmethod
+    def _axes(wl: dict) -> str:
+        return ",".join(f"{k}={v}" for k, v in wl.get("axes", {}).items())
+
+    def _device_key(self, lease: Lease, env: dict) -> str:
+        if lease.kind == "cuda":
+            return f"cuda|{env.get('gpu_name')}|{env.get('gpu_uuid') or lease.index}"
+        import socket
+        return f"cpu|{cpu_name()}|{socket.gethostname()}"
+
+    def _ensure_candidate(self, st: WorkloadState) -> bool:
+        assert self.cand is not None
+        if self.cand.alive():
+            return True
+        if self.restarts >= MAX_RESTARTS:
+            st.fail("RUNTIME_ERROR", "not_run", f"not run: the candidate's worker failed {self.restarts + 1} times "
+                    "in this run")
+            return False
+        self.restarts += 1
+        self.cand.close()
+        err = self._try_load()
+        if err:
+            st.fail(err.status, err.check, err.evidence)
+            return False
+        return True
+
+    def _collect(self, st: WorkloadState) -> None:
+        assert self.cand is not None and self.trusted is not None
+        for a in self.cand.take_alerts():
+            st.alerts.append(a)
+            st.fail(a["status"], a["check"], a["evidence"])
+        st.notes += self.cand.take_notes()
+        self.trusted.take_alerts()
+
+    def _workload(self, st: WorkloadState, s: Settings) -> None:
+        assert self.trusted is not None
+        key = st.wl["uuid"]
+        for a in self.global_alerts:
+            st.fail(a["status"], a["check"], a["evidence"])
+        if not self._ensure_candidate(st):
+            return
+        cand = self.cand
+        assert cand is not None
+        pol = self.pol.correctness
+        try:
+            # Correctness trials.
+            seeds = [self.seed(key, "trial", t) for t in range(s.trials)]
+            x = self._exchange()
+            rep = cand.request("trial", self.call_timeout + 30 + 10 * s.trials, workload=st.wl, seeds=seeds,
+                               file=str(x), census=self.req.candidate.spec.language != "python")
+            if rep.get("census"):
+                st.notes.append("the call ran torch compute ops (a torch fallback?): "
+                                + ", ".join(f"aten.{k} x{v}" for k, v in sorted(rep["census"].items())))
+            chk = self.trusted.request("check", 300, workload=st.wl, seeds=seeds, file=str(x), atol=pol.atol,
+                                       rtol=pol.rtol, ratio=pol.required_matched_ratio, label="trial")
+            x.unlink(missing_ok=True)
+            st.correctness = {k: chk.get(k) for k in ("max_abs", "max_rel", "matched_ratio")}
+            st.correctness["trials"] = len(seeds)
+            self._collect(st)
+            if chk["status"] != "PASSED":
+                st.fail(chk["status"], chk.get("check"), chk.get("evidence", ""))
+            if st.status != "PASSED":
+                return
+            # Timing: baseline and candidate take turns.
+            cand.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
+            self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
+            order = ["B", "C", "C", "B"] * s.rounds
+            seen: set[str] = set()
+            for bi, who in enumerate(order):
+                self.cancel.check()
+                warm = s.warmup if who not in seen else 1
+                seen.add(who)
+                params = dict(key=key, warmup=warm, min_iters=s.min_iters, max_iters=s.max_iters, target_s=s.target_s,
+                              max_s=max(10 * s.target_s, 5.0), seed=self.seed(key, "block", bi))
+                if who == "B":
+                    cand.request("sync", 60)
+                    self._collect(st)
+                    r = self.trusted.request("time", self._time_timeout(), **params)
+                    st.base += r["lat_us"]
+                else:
+                    r = cand.request("time", self._time_timeout(), **params)
+                    st.cand += r["lat_us"]
+                    st.cand_host += r["host_us"]
+                    st.cand_warmup += r["warmup"]
+                    st.overhead_us = r.get("overhead_us", 0.0)
+                    slot = self.rng.randrange(SLOTS)
+                    x = self._exchange()
+                    saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
+                    chk = self.trusted.request("check", 300, workload=st.wl, seeds=[saved["seed"]], file=str(x),
+                                               atol=pol.atol, rtol=pol.rtol, ratio=pol.required_matched_ratio,
+                                               inputs=False, label=f"timed iteration of block {bi}")
+                    x.unlink(missing_ok=True)
+                    st.timed_checks += 1
+                    self._collect(st)
+                    if chk["status"] != "PASSED":
+                        st.fail(chk["status"], "timed_outputs", chk.get("evidence", ""))
+                        return
+            cand.request("release", 60, key=key)
+            self.trusted.request("release", 60, key=key)
+            self._collect(st)
+        except WorkerFailure as e:
+            if e.dead or not cand.alive():
+                cand.kill()
+            if e.traceback:
+                st.notes.append("traceback:\n" + e.traceback[-2000:])
+            self._collect(st) if cand.alive() else None
+            st.fail(e.status, e.check, e.evidence)
+            if self.trusted is not None and not self.trusted.alive():
+                raise KdaError(f"the trusted worker died: {e.evidence}") from None
+
+    # -- results
+    def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
+        from . import stats
+
+        out: dict[str, Any] = {"uuid": st.wl["uuid"], "axes": st.wl.get("axes", {})}
+        nbytes = floor_mod.min_bytes(self.definition, st.wl)
+        fl = floor_mod.floor_us(nbytes, bw.get("bytes_per_s"), self.device)
+        out.update(bytes=nbytes, floor_us=fl, **st.correctness)
+        seed = int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
+        reps = None
+        if st.status == "PASSED" and st.base and st.cand:
+            b = stats.median_ci(st.base, seed=seed)
+            c = stats.median_ci(st.cand, seed=seed + 7)
+            sp, reps = stats.speedup_ci(st.base, st.cand, seed=seed + 13)
+            out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
+                       candidate_ci_us=c.as_list(), speedup=sp.value, speedup_ci=sp.as_list())
+            if st.clean:
+                cl = stats.median_ci(st.clean, seed=seed + 3)
+                out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
+                ratio_limit = (self.pol.benchmark.interference_ratio if self.device != "cpu"
+                               else self.pol.benchmark.cpu_interference_ratio)
+                if b.value > ratio_limit * cl.value and b.lo > cl.hi:
+                    st.fail("TIMING_TAMPERED", "interference",
+                            f"the baseline ran {b.value / cl.value:.2f}x slower beside the candidate ({b.value:.2f} us) "
+                            f"than alone before it was loaded ({cl.value:.2f} us): interference, not a speedup")
+            if self.device != "cpu" and st.cand_host:
+                gaps = sorted(h - e for h, e in zip(st.cand_host, st.cand))
+                unaccounted = gaps[len(gaps) // 2] - st.overhead_us
+                limit = max(self.pol.benchmark.unaccounted_us, 0.25 * c.value)
+                out["unaccounted_us"] = unaccounted
+                if unaccounted > limit:
+                    st.fail("TIMING_TAMPERED", "side_stream",
+                            f"each call kept the device busy {unaccounted:.1f} us beyond the timed stream "
+                            f"(event time {c.value:.2f} us): work was launched where the timer does not see it")
+            med = c.value
+            # A sleeping call idles (wall time without CPU time) again and again; one preempted call
+            # on a busy machine does not count.
+            idle = [w for w in st.cand_warmup if w["idle_ms"] > 20.0 and w["idle_ms"] > 0.8 * w["wall_ms"]
+                    and w["wall_ms"] * 1e3 > 10 * med]
+            if len(idle) >= 2:
+                worst = max(idle, key=lambda w: w["idle_ms"])
+                st.fail("TIMING_TAMPERED", "warmup_idle",
+                        f"{len(idle)} warm-up call(s) idled (slept) up to {worst['idle_ms']:.0f} ms against a timed "
+                        f"median of {med:.1f} us: timing-dependent behaviour")
+            if fl is not None and med < fl:
+                st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
+                        f"median {med:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes at the measured "
+                        f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have been done")
+        out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
+                   notes=st.notes[:20], timed_checks=st.timed_checks,
+                   samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand)})
+        if st.status != "PASSED":
+            for k in ("speedup", "speedup_ci"):
+                out.pop(k, None)
+            reps = None
+        out["_reps"] = reps
+        return out
+
+    def _finish(self, lease: Lease, t_env: dict, c_env: dict, env_start: dict, env_end: dict,
+                bw: dict[str, Any]) -> dict[str, Any]:
+        from . import stats
+
+        lock_problem = None
+        try:
+            self.ws.check_lock()
+        except LockMismatch as e:
+            lock_problem = str(e)
+        rows = []
+        for st in self.states:
+            if lock_problem:
+                st.fail("SANDBOX_VIOLATION", "lock", f"the workspace lock broke during the run: {lock_problem}")
+            rows.append(self._analyze(st, bw))
+        passed = [r for r in rows if r["status"] == "PASSED" and r.get("_reps") is not None]
+        agg: dict[str, Any] = {"passed": len(passed), "total": len(rows), "complete": len(passed) == len(rows)}
+        if passed:
+            vals = [r["speedup"] for r in passed]
+            reps = [r["_reps"] for r in passed]
+            m = stats.mean_ci(vals, reps)
+            g = stats.geomean_ci(vals, reps)
+            agg.update(mean_speedup=m.value, mean_speedup_ci=m.as_list(), geomean_speedup=g.value,
+                       geomean_speedup_ci=g.as_list())
+        for r in rows:
+            r.pop("_reps", None)
+        status = min((r["status"] for r in rows), key=SEVERITY.index) if rows else "PASSED"
+        device_label = "cpu" if lease.kind == "cpu" else f"cuda:{t_env.get('gpu_name', lease.index)}"
+        env = {"device": device_label, "lease": lease.label, "worker": t_env, "candidate_worker": c_env,
+               "gpu_start": env_start, "gpu_end": env_end, "bandwidth": bw, "isolation": self.isolation,
+               "host_python": sys.version.split()[0]}
+        if lease.kind == "cpu":
+            env["cpu"] = cpu_name()
+        flags = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith("traceback")}
+                       | {n for n in self.notes if not n.startswith("candidate load traceback")})
+        cand = self.req.candidate
+        return {
+            "kind": self.req.kind, "status": status, "device": device_label, "mode": self.req.mode,
+            "candidate_path": cand.path, "candidate_hash": cand.content_hash, "language": cand.spec.language,
+            "baseline": self.baseline["name"] if self.baseline else "reference",
+            "selection": self.req.selection, "aggregate": agg, "workloads": rows, "flags": flags,
+            "lock_after": lock_problem or "ok", "env": env,
+            "config": {**self.settings.__dict__, "slots": SLOTS, "order": "B C C B" + " B C C B" * (self.settings.rounds - 1),
+                       "atol": self.pol.correctness.atol, "rtol": self.pol.correctness.rtol,
+                       "required_matched_ratio": self.pol.correctness.required_matched_ratio,
+                       "call_timeout_s": self.call_timeout, "interference_ratio": self.pol.benchmark.interference_ratio,
+                       "cpu_interference_ratio": self.pol.benchmark.cpu_interference_ratio},
+            "logs": {"trusted": self.trusted.log_tail() if self.trusted else "",
+                     "candidate": self.cand.log_tail() if self.cand else "",
+                     "notes": self.notes[-10:]},
+            "wall_s": time.time() - self.started,
+        }
+
+    def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        headline = headline_for(record)
+        record["headline"] = headline
+        self.ws.store.put_run(self.req.kind, self.req.role, record["status"], headline, record,
+                              candidate_path=record["candidate_path"], candidate_hash=record["candidate_hash"],
+                              device=record["device"], run_id=self.run_id)
+        record["run_id"] = self.run_id
+        return self.run_id, record
+
+
+def _r(xs: list[float]) -> list[float]:
+    return [round(x, 4) for x in xs]
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def headline_for(rec: dict[str, Any]) -> str:
+    agg = rec["aggregate"]
+    n, total = agg["passed"], agg["total"]
+    dev = rec["device"]
+    if rec["status"] == "PASSED":
+        return (f"PASSED {n}/{total} workloads on {dev}: mean speedup {agg['mean_speedup']:.3f}x "
+                f"{_fmt_ci(agg.get('mean_speedup_ci'))}, geomean {agg['geomean_speedup']:.3f}x "
+                f"{_fmt_ci(agg.get('geomean_speedup_ci'))} vs {rec['baseline']}")
+    first = next((r for r in rec["workloads"] if r["status"] == rec["status"]), None)
+    why = f"; {first['uuid'][:8]}: {first['check']}: {first['evidence'][:160]}" if first else ""
+    part = (f" (passed ones: mean {agg['mean_speedup']:.3f}x)" if n and "mean_speedup" in agg else "")
+    return f"{rec['status']}: {n}/{total} workloads passed on {dev}{part}{why}"
+
+
+def run_benchmark(req: BenchRequest, progress: Callable[[float, float | None, str], None],
+                  cancel: CancelToken) -> tuple[str, dict[str, Any]]:
+    return BenchRun(req, progress, cancel).run()

@@ -1,0 +1,93 @@
+"""The physical floor of a workload: the fewest bytes the work must move over the fastest copy.
+
+Bytes: every input tensor read once and every output written once, from the definition's
+shapes and dtypes. Bandwidth: the device's measured copy bandwidth (bytes read plus written
+per second), measured once per device and kept in the store as a run of kind `bandwidth`
+with a cache key per device. A latency below `bytes / bandwidth` cannot be real.
+
+On a CPU the caches are not flushed between iterations, so the floor is only applied where
+the data is larger than twice the last-level cache.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from .store import Store
+
+DTYPE_BYTES = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float4_e2m1": 0.5,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+
+
+def _shape(definition: dict[str, Any], spec: dict[str, Any], axes: dict[str, int]) -> list[int]:
+    out = []
+    for ax in spec.get("shape") or []:
+        if isinstance(ax, int):
+            out.append(ax)
+            continue
+        a = definition["axes"][ax]
+        out.append(int(a["value"]) if a.get("type") == "const" else int(axes[ax]))
+    return out
+
+
+def min_bytes(definition: dict[str, Any], workload: dict[str, Any]) -> int:
+    """Bytes of every tensor input and output of one workload (scalars count as nothing)."""
+    axes = workload.get("axes", {})
+    total = 0.0
+    for group in ("inputs", "outputs"):
+        for spec in definition[group].values():
+            if spec.get("shape") is None:
+                continue
+            total += math.prod(_shape(definition, spec, axes)) * DTYPE_BYTES.get(spec["dtype"], 1)
+    return int(total)
+
+
+def llc_bytes() -> int | None:
+    """Largest CPU cache in bytes (Linux sysfs), or None."""
+    best = None
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            s = p.read_text().strip().upper()
+            n = int(s.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+            best = max(best or 0, n)
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def floor_us(nbytes: int, bytes_per_s: float | None, device: str) -> float | None:
+    """Fastest possible time for `nbytes` at the measured bandwidth, or None where it does not apply."""
+    if not bytes_per_s or nbytes <= 0:
+        return None
+    if device == "cpu":
+        llc = llc_bytes() or (32 << 20)
+        if nbytes <= 2 * llc:
+            return None
+    return nbytes / bytes_per_s * 1e6
+
+
+def cached_bandwidth(store: Store, device_key: str, measure: Callable[[], dict[str, Any]],
+                     keep: bool = True) -> dict[str, Any]:
+    """The device's copy bandwidth: from the store when measured before, else measured now and
+    kept (unless `keep` is False: a read-only caller measures without recording)."""
+    key = f"bandwidth:{device_key}"
+    run_id = store.cache_get(key)
+    if run_id:
+        try:
+            rec = store.get_run(run_id)["record"]
+            return {**rec, "run_id": run_id, "cached": True}
+        except Exception:
+            pass
+    rec = measure()
+    rec["device_key"] = device_key
+    if not keep:
+        return {**rec, "run_id": None, "cached": False}
+    run_id = store.put_run("bandwidth", "system", "ok",
+                           f"copy bandwidth {rec['bytes_per_s'] / 1e9:.1f} GB/s on {device_key}", rec,
+                           device=device_key)
+    store.cache_put(key, "bandwidth", run_id)
+    return {**rec, "run_id": run_id, "cached": False}
