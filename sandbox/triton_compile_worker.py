@@ -97,7 +97,7 @@ def _find_jit(modules: list[Any]) -> dict[str, Any]:
     return found
 
 
-def _compile_kernel(name: str, fn: Any, cfg: dict[str, Any], arch: str, out_dir: Path, disasm: str | None,
+def _compile_kernel(name: str, fn: Any, cfg: dict[str, Any], arch: str, out_dir: Path, disasm: list[str] | None,
                     kernel_file: str | None) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -136,7 +136,7 @@ def _compile_kernel(name: str, fn: Any, cfg: dict[str, Any], arch: str, out_dir:
     if cubin:
         (out_dir / f"{name}.cubin").write_bytes(cubin)
         if disasm:
-            r = subprocess.run([disasm, "-sass", str(out_dir / f"{name}.cubin")], capture_output=True, timeout=300)
+            r = subprocess.run([*disasm, str(out_dir / f"{name}.cubin")], capture_output=True, timeout=300)
             (out_dir / f"{name}.sass").write_bytes(r.stdout[:MAX_SASS_BYTES])
             sass_file = f"{name}.sass"
     return {
@@ -192,7 +192,7 @@ def main(request_path: str) -> int:
             except (AttributeError, ValueError):
                 pass
             try:
-                result["kernels"].append(_compile_kernel(name, fn, cfg, req["arch"], out_dir, req.get("cuobjdump"),
+                result["kernels"].append(_compile_kernel(name, fn, cfg, req["arch"], out_dir, req.get("disassembler"),
                                                          kernel_file))
             except BaseException as e:  # noqa: BLE001
                 d = _diag(e, cand_dir, rel_prefix, kernel=name)

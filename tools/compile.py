@@ -2,8 +2,8 @@
 
 - cuda/cpp: every `.cu` goes through nvcc (`-cubin`, `-Xptxas -v`, `-lineinfo`, `-keep` for the
   PTX, one `-gencode` for the target); `.cpp/.cc/.c` files get a host syntax check. One sandboxed
-  shell job runs all steps plus `cuobjdump -sass`, so the overhead over plain nvcc is one sandbox
-  start and the disassembly.
+  shell job runs all steps plus the disassembler (nvdisasm, else cuobjdump), so the overhead
+  over plain nvcc is one sandbox start and the disassembly.
 - triton: a sandboxed worker imports the candidate and runs `triton.compile` for the target
   (no GPU needed) with the signatures from `candidate.toml` `[compile.triton.<kernel>]`.
 - python: a sandboxed import check.
@@ -33,8 +33,8 @@ from kda.sandbox.runner import Job, JobResult, Limits, run_job
 
 from .candidate import Candidate, load_candidate
 from .errors import BadInput, NotAvailable
-from .sass import (KernelResources, SassCensus, census_sass, demangle, find_binary, findings_for, is_matmul_shaped,
-                   load_width_summary, parse_ptxas_verbose)
+from .sass import (KernelResources, SassCensus, census_sass, demangle, disassembly_argv, find_binary, findings_for,
+                   is_matmul_shaped, load_width_summary, parse_ptxas_verbose)
 from .store import canonical_json, new_id
 from .tripwires import Tripwire, scan_candidate
 from .workspace import Workspace
@@ -151,11 +151,11 @@ def triton_version() -> str | None:
 
 @lru_cache(maxsize=1)
 def disassembler() -> str | None:
-    return find_binary("cuobjdump", nvcc_path())
+    return find_binary("nvdisasm", nvcc_path()) or find_binary("cuobjdump", nvcc_path())
 
 
 def toolchain() -> dict[str, Optional[str]]:
-    return {"nvcc": nvcc_version(), "triton": triton_version(), "cuobjdump": disassembler(),
+    return {"nvcc": nvcc_version(), "triton": triton_version(), "disassembler": disassembler(),
             "python": sys.version.split()[0]}
 
 
@@ -304,7 +304,8 @@ def _build_cuda(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path, a
         script += [f"mkdir -p {keep}",
                    f"{shlex.join(cmd)} > out/{n}.log 2>&1; echo $? > out/{n}.rc"]
         if cuobjdump:
-            script.append(f"[ -s out/{n}.cubin ] && {shlex.quote(cuobjdump)} -sass out/{n}.cubin > out/{n}.sass 2>/dev/null")
+            script.append(f"[ -s out/{n}.cubin ] && {shlex.join(disassembly_argv(cuobjdump))} out/{n}.cubin "
+                          f"> out/{n}.sass 2>/dev/null")
         steps.append({"kind": "cu", "file": rel, "n": n, "keep": keep})
     cxx = shutil.which("c++") or shutil.which("g++")
     for m, rel in enumerate(host_files):
@@ -403,7 +404,7 @@ def _build_python(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path,
         "candidate_dir": str(cand_dir), "rel_prefix": cand.path, "entry_file": cand.spec.entry_file,
         "entry_symbol": cand.spec.entry_symbol, "python_files": sorted(f for f in cand.sources if f.endswith(".py")),
         "mode": mode, "arch": arch, "kernels": kernels, "out_dir": str(job_dir),
-        "cuobjdump": disassembler(),
+        "disassembler": disassembly_argv(disassembler()) if disassembler() else None,
     }
     (job_dir / "request.json").write_text(json.dumps(req))
     env = {"TRITON_CACHE_DIR": str(job_dir / ".triton"), "TRITON_HOME": str(job_dir)}
@@ -456,7 +457,7 @@ def _collect_python(cand: Candidate, job_dir: Path, build: dict[str, Any]
 def cache_key(cand: Candidate, arch: str, flags: list[str], tools: dict[str, Optional[str]]) -> str:
     relevant = {k: tools.get(k) for k in (("triton",) if cand.spec.language in ("triton", "python") else ("nvcc",))}
     payload = {"v": RECORD_VERSION, "candidate": cand.content_hash, "arch": arch, "flags": flags, "tools": relevant,
-               "disasm": tools.get("cuobjdump") is not None}
+               "disasm": tools.get("disassembler")}
     return "compile:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
