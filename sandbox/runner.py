@@ -71,6 +71,10 @@ class Job:
     stdin: bytes | None = None
     network: bool = False
     tail_bytes: int = 64 * 1024  # how much of the end of stdout/stderr a result keeps
+    # Keep the server's uid and capabilities (filesystem, network and pid isolation stay): Nsight
+    # Compute needs them to read the GPU's performance counters, which drivers restrict to admins
+    # by default. Only profile jobs ask for it; results say so in `isolation`.
+    keep_privileges: bool = False
 
 
 @dataclass
@@ -234,6 +238,8 @@ def _bwrap_argv(job: Job, uid: int | None) -> list[str]:
     if uid is not None:
         a += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
               "--bounding-set=-all", "--inh-caps=-all"]
+    elif job.keep_privileges:
+        a += ["--"]
     else:
         a += ["--cap-drop", "ALL", "--"]
     return a + list(job.argv)
@@ -284,10 +290,10 @@ def _prepare(job: Job, require_isolation: bool) -> tuple[list[str], str]:
     if not Path(job.cwd).is_dir():
         raise NotAvailable(f"job directory {job.cwd} does not exist")
     if isolation_available():
-        uid = _job_uid() if _drop_privileges() else None
+        uid = _job_uid() if _drop_privileges() and not job.keep_privileges else None
         if uid is not None:
             _make_writable_for_job(job, uid)
-        return _bwrap_argv(job, uid), "bubblewrap"
+        return _bwrap_argv(job, uid), "bubblewrap (privileged: GPU counters)" if job.keep_privileges else "bubblewrap"
     if require_isolation:
         raise NotAvailable(INSTALL_HINT)
     return list(job.argv), "rlimits-only"

@@ -192,3 +192,16 @@ def test_missing_program_is_a_result_not_a_crash(job_dir, monkeypatch):
     monkeypatch.setattr(runner, "isolation_available", lambda: False)
     r = run_job(Job(argv=["/nonexistent/prog"], cwd=job_dir))
     assert not r.ok and "could not start" in r.reason
+
+
+@pytest.mark.skipif(not isolation_available(), reason="needs bubblewrap")
+def test_only_profile_jobs_keep_privileges(job_dir):
+    import os
+
+    argv = [sys.executable, "-c", "import os; print(os.getuid())"]
+    plain = run_job(Job(argv=argv, cwd=job_dir, wall_timeout_s=30))
+    kept = run_job(Job(argv=argv, cwd=job_dir, wall_timeout_s=30, keep_privileges=True))
+    assert plain.ok and kept.ok, (plain.reason, kept.reason)
+    assert kept.stdout_tail.strip() == str(os.getuid()) and "privileged" in kept.isolation
+    if os.geteuid() == 0:
+        assert plain.stdout_tail.strip() != "0" and plain.isolation == "bubblewrap"

@@ -328,7 +328,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
     job_dir, cdir, out_base, argv = prepare_job(ws, cand, workload, exe)
     try:
         # The workspace is hidden from the candidate except task/ (read-only: safetensors inputs).
-        job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True,
+        job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True, keep_privileges=True,
                   wall_timeout_s=timeout,
                   limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
                                 max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
