@@ -196,7 +196,7 @@ def test_collect_stores_report_and_run(workspace, monkeypatch):
     assert workspace.store.get_blob(res["report_sha"]) == (NCU / "vadd_full.ncu-rep").read_bytes()
     assert res["summary"]["kernels"][0]["bottleneck"]["name"] == "dram_bandwidth"
     assert res["workload"]["axes"]["batch_size"] == 8192 and "no benchmark" in res["workload_choice"]
-    assert run["record"]["isolation"] in ("bubblewrap", "rlimits-only")
+    assert run["record"]["isolation"] in ("bubblewrap (privileged: GPU counters)", "rlimits-only")
 
 
 def test_collect_failures_are_clear(workspace, monkeypatch):
