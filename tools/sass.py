@@ -192,8 +192,12 @@ def is_matmul_shaped(definition: dict[str, Any]) -> bool:
 def load_width_summary(c: SassCensus) -> str:
     if not c.global_loads:
         return "no global loads" if not c.tma_bulk else "TMA loads"
-    widest = max(int(w) for w in c.global_loads)
-    return f"{widest}-bit loads"
+    by_count = sorted(((int(w), n) for w, n in c.global_loads.items()), key=lambda t: (-t[1], -t[0]))
+    if len(by_count) == 1:
+        return f"{by_count[0][0]}-bit loads"
+    total = sum(n for _, n in by_count)
+    mix = ", ".join(f"{w}-bit x{n}" for w, n in sorted(by_count))
+    return f"mostly {by_count[0][0]}-bit loads ({mix} of {total} LDG)"
 
 
 def findings_for(resources: dict[str, KernelResources], census: dict[str, SassCensus],
@@ -218,6 +222,12 @@ def findings_for(resources: dict[str, KernelResources], census: dict[str, SassCe
                 notes.append(f"{label}: all global loads 32-bit ({loads['32']} LDG); vectorize to 128-bit")
             else:
                 notes.append(f"{label}: all global loads ≤ 32-bit ({', '.join(f'{w}-bit: {loads[str(w)]}' for w in widths)})")
+        elif loads:
+            narrow = sum(n for w, n in loads.items() if int(w) <= 32)
+            total = sum(loads.values())
+            if narrow * 2 > total:
+                notes.append(f"{label}: {narrow} of {total} global loads are 32-bit or narrower; vectorize "
+                             "(alignment and divisibility hints let the compiler emit 128-bit loads)")
         spilled = name in resources and (resources[name].spill_store_bytes or resources[name].spill_load_bytes)
         if (c.local_loads or c.local_stores) and not spilled:
             notes.append(f"{label}: local memory traffic without spills (LDL {c.local_loads}, STL {c.local_stores}): "
