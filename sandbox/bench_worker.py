@@ -365,8 +365,13 @@ class Worker:
                 return {"error": {"status": "RUNTIME_ERROR", "check": "call", "trial": i,
                                   "evidence": f"trial {i}: {type(e).__name__}: {str(e)[:600]}",
                                   "traceback": traceback.format_exc()[-4000:], "fatal": _is_fatal(e)}}
+            new_threads = len(H.os_thread_ids() - tids0)
             calls.append({"wall_ms": (_perf() - t0) * 1e3, "cpu_ms": (_thread_time() - c0) * 1e3,
-                          "new_threads": len(H.os_thread_ids() - tids0)})
+                          "new_threads": new_threads})
+            if new_threads and i > 0:  # the first call may start a JIT's or a library's helper threads
+                ALERTS.add("TIMING_TAMPERED", "threads",
+                           f"trial {i}: the call left {new_threads} new thread(s) running after it returned "
+                           "(work finished after the call, outside any timer?)")
             records.append({
                 "outputs": [o.detach().to("cpu") if isinstance(o, torch.Tensor) else o for o in result],
                 "inputs": [x.detach().to("cpu") if isinstance(x, torch.Tensor) else x for x in inputs],

@@ -400,6 +400,9 @@ class BenchRun:
         if lease.kind == "cpu" and language == "triton":
             env["TRITON_INTERPRET"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
+        if lease.kind == "cpu":
+            # Idle OpenMP threads must sleep, not spin: the two workers take turns on the same cores.
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         ro = [*sandbox_pythonpath(), self.ws.task_dir]
         if role == "trusted":
             ro.append(self.cand_dir)
@@ -569,7 +572,8 @@ class BenchRun:
             # Correctness trials.
             seeds = [self.seed(key, "trial", t) for t in range(s.trials)]
             x = self._exchange()
-            rep = cand.request("trial", self.call_timeout + 30 + 10 * s.trials, workload=st.wl, seeds=seeds,
+            io_s = 2.0 * s.trials * (1 + floor_mod.min_bytes(self.definition, st.wl) / 50e6)
+            rep = cand.request("trial", self.call_timeout + 5 + io_s, workload=st.wl, seeds=seeds,
                                file=str(x), census=self.req.candidate.spec.language != "python")
             if rep.get("census"):
                 st.notes.append("the call ran torch compute ops (a torch fallback?): "
@@ -724,6 +728,7 @@ class BenchRun:
         flags = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith("traceback")}
                        | {n for n in self.notes if not n.startswith("candidate load traceback")})
         cand = self.req.candidate
+        flags += tripwire_flags(cand, self.definition)
         return {
             "kind": self.req.kind, "status": status, "device": device_label, "mode": self.req.mode,
             "candidate_path": cand.path, "candidate_hash": cand.content_hash, "language": cand.spec.language,
@@ -749,6 +754,18 @@ class BenchRun:
                               device=record["device"], run_id=self.run_id)
         record["run_id"] = self.run_id
         return self.run_id, record
+
+
+def tripwire_flags(cand: Candidate, definition: dict[str, Any]) -> list[str]:
+    """The compile helper's static tripwires on the candidate's sources (warnings, not verdicts)."""
+    try:
+        from .tripwires import dedupe, scan_candidate
+    except ImportError:
+        return []
+    try:
+        return [f"tripwire {t}" for t in dedupe(scan_candidate(cand.sources, cand.spec.language, cand.path, definition))]
+    except Exception as e:  # a scanner bug must not sink a measurement
+        return [f"tripwire scan failed: {type(e).__name__}: {e}"]
 
 
 def _r(xs: list[float]) -> list[float]:

@@ -90,7 +90,7 @@ class BenchmarkPolicy(_Strict):
     call_timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest one candidate call may take.")
     # Integrity thresholds (floors: a workspace may lower them, never raise them).
     interference_ratio: float = Field(1.25, gt=1.0, le=2.0)
-    cpu_interference_ratio: float = Field(2.0, gt=1.0, le=4.0)
+    cpu_interference_ratio: float = Field(3.0, gt=1.0, le=5.0)
     unaccounted_us: float = Field(15.0, gt=0, le=1000.0)
 
 

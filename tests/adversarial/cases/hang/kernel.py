@@ -1,0 +1,6 @@
+"""Attack (or bug): never return."""
+
+
+def run(hidden_states, weight, output):
+    while True:
+        pass
