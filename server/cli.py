@@ -9,8 +9,11 @@ from typing import Optional
 import typer
 from kda.tools.errors import KdaError
 
+from .wiki_cli import wiki_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kda-mcp: a kernel-engineering bench for coding agents, served over MCP.")
+app.add_typer(wiki_app, name="wiki")
 
 
 def _fail(e: Exception) -> None:
