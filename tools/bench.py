@@ -209,6 +209,8 @@ class WorkerClient:
             except queue.Empty:
                 continue
             if rep is None:
+                if self.cancel.cancelled:
+                    raise Cancelled("cancelled")
                 self.proc.wait(timeout=5)
                 rc = self.proc.returncode
                 reason = self._death_reason(rc)
@@ -449,7 +451,11 @@ class BenchRun:
         try:
             with executor().lease(None, self.cancel, on_wait=lambda m: self.progress(0, None, m)) as lease:
                 self.lease = lease
-                record = self._run_on(lease)
+                try:
+                    record = self._run_on(lease)
+                except WorkerFailure as e:
+                    # Only the trusted side reaches here (candidate failures are workload results).
+                    raise KdaError(f"the baseline/reference worker failed, no measurement: {e.evidence}") from None
         finally:
             for w in (self.cand, self.trusted):
                 if w is not None:
@@ -626,6 +632,7 @@ class BenchRun:
             self.trusted.request("release", 60, key=key)
             self._collect(st)
         except WorkerFailure as e:
+            self.cancel.check()
             if e.dead or not cand.alive():
                 cand.kill()
             if e.traceback:

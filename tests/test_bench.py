@@ -1,0 +1,376 @@
+"""benchmark / show_run / job_status / verify on CPU: the harness pieces and the tools end to end.
+
+Real sandboxed workers, real SQLite, real MCP sessions. End-to-end cases use the smallest
+rmsnorm_h4096 workloads so the suite stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from kda.sandbox import harness as H
+from kda.tools import bench, floor
+from kda.tools.errors import BadInput, NotAvailable, PathRefused, PolicyError
+
+from conftest import mcp_client
+
+DATA = Path(__file__).parent / "data_bench"
+CASES = Path(__file__).parent / "adversarial" / "cases"
+BATCH1 = "f768064f-9585-47ad-a39e-ed24c2c063fe"
+BATCH2 = "5966eb44-e0c6-4744-9511-3dc30e9a8df5"
+BATCH4 = "b9c48cb0-1720-400e-8ca8-2984fcb042d9"
+
+
+def _install(ws, src: Path, name: str | None = None) -> str:
+    name = name or src.name
+    shutil.copytree(src, ws.work_dir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return f"work/{name}"
+
+
+def _write_candidate(ws, name: str, code: str, language: str = "python", dps: bool = True) -> str:
+    d = ws.work_dir / name
+    d.mkdir()
+    (d / "candidate.toml").write_text(f'language = "{language}"\nentry_point = "kernel.py::run"\n'
+                                      f"destination_passing_style = {str(dps).lower()}\n")
+    (d / "kernel.py").write_text(code)
+    return f"work/{name}"
+
+
+# --- harness pieces -------------------------------------------------------------------------------
+def _definition() -> dict:
+    from kda.tools.task import builtin_dataset
+
+    return json.loads((builtin_dataset() / "definitions/rmsnorm/rmsnorm_h4096.json").read_text())
+
+
+def test_inputs_are_deterministic_per_seed_and_fresh_across_seeds():
+    d = _definition()
+    wl = {"uuid": "x", "axes": {"batch_size": 3}, "inputs": {"hidden_states": {"type": "random"},
+                                                             "weight": {"type": "random"}}}
+    a = H.make_inputs(d, wl, 42, torch.device("cpu"))
+    b = H.make_inputs(d, wl, 42, torch.device("cpu"))
+    c = H.make_inputs(d, wl, 43, torch.device("cpu"))
+    assert [t.shape for t in a] == [torch.Size([3, 4096]), torch.Size([4096])]
+    assert a[0].dtype == torch.bfloat16
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    # Redrawing a buffer in place gives exactly what a fresh draw gives.
+    H.refill_inputs_(d, wl, c, 42)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_random_values_follow_flashinfer_bench_ranges_and_scalars_pass_through():
+    t8 = H.fill_random_(torch.empty(5000, dtype=torch.int8), 1)
+    t32 = H.fill_random_(torch.empty(5000, dtype=torch.int32), 1)
+    tb = H.fill_random_(torch.empty(5000, dtype=torch.bool), 1)
+    tf8 = H.fill_random_(torch.empty(5000, dtype=torch.float8_e4m3fn), 1)
+    assert t8.min() >= -128 and t8.max() <= 127 and t8.unique().numel() > 200
+    assert t32.min() >= -1024 and t32.max() < 1024
+    assert 0 < tb.sum() < 5000
+    assert tf8.float().abs().max() <= 2.0
+    d = {"axes": {"n": {"type": "var"}}, "inputs": {"x": {"shape": ["n"], "dtype": "float32"},
+                                                    "eps": {"shape": None, "dtype": "float32"}},
+         "outputs": {"y": {"shape": ["n"], "dtype": "float32"}}}
+    wl = {"axes": {"n": 4}, "inputs": {"x": {"type": "random"}, "eps": {"type": "scalar", "value": 0.5}}}
+    x, eps = H.make_inputs(d, wl, 0, torch.device("cpu"))
+    assert eps == 0.5 and x.shape == (4,)
+
+
+def test_poisoned_outputs_and_comparison_semantics():
+    d = _definition()
+    wl = {"axes": {"batch_size": 2}}
+    (out,) = H.alloc_outputs(d, wl, torch.device("cpu"))
+    assert torch.isnan(out.float()).all()
+    assert H.poison_value(torch.int32) == torch.iinfo(torch.int32).min
+    ref = torch.ones(2, 4096, dtype=torch.bfloat16)
+    r = H.compare_output("output", out, ref, 1e-2, 1e-2, 1.0)
+    assert r["status"] == "INCORRECT_NUMERICAL" and r["nan_count"] == 2 * 4096
+    # An element fails only if abs error > atol AND rel error > rtol.
+    big = torch.full((4,), 1000.0)
+    ok = H.compare_output("y", big + 5.0, big, 1e-2, 1e-2, 1.0)  # abs 5 > atol, rel 0.005 < rtol
+    assert ok["ok"], ok
+    bad = big.clone()
+    bad[2] = 1100.0
+    r = H.compare_output("y", bad, big, 1e-2, 1e-2, 1.0)
+    assert r["status"] == "INCORRECT_NUMERICAL" and r["check"] == "tolerance"
+    assert "[2]" in r["evidence"] and r["matched_ratio"] == 0.75
+    assert H.compare_output("y", bad, big, 1e-2, 1e-2, 0.7)["ok"]  # the matched ratio decides
+    assert H.compare_output("y", big[:3], big, 1e-2, 1e-2, 1.0)["status"] == "INCORRECT_SHAPE"
+    assert H.compare_output("y", big.double(), big, 1e-2, 1e-2, 1.0)["status"] == "INCORRECT_DTYPE"
+    inf = big.clone()
+    inf[0] = float("inf")
+    assert "Inf" in H.compare_output("y", inf, big, 1e-2, 1e-2, 1.0)["evidence"]
+    changed = big.clone()
+    changed[1] = -0.0 if False else 999.0
+    assert H.compare_input("x", changed, big)["changed"] == 1
+    assert H.compare_input("x", big.clone(), big) is None
+
+
+def test_workload_selection(workspace):
+    d, wls = workspace.definition(), workspace.workloads()
+    chosen, _ = bench.select_workloads(d, wls, "sample:3")
+    sizes = [w["axes"]["batch_size"] for w in chosen]
+    assert sizes[0] == 1 and sizes[-1] == 8192 and len(sizes) == 3
+    assert len(bench.select_workloads(d, wls, "all")[0]) == 14
+    assert len(bench.select_workloads(d, wls, "sample:99")[0]) == 14
+    assert [w["uuid"] for w in bench.select_workloads(d, wls, [BATCH2, BATCH1])[0]] == [BATCH2, BATCH1]
+    for bad in ("sample:0", "sample:x", "some", ["nope"], []):
+        with pytest.raises(BadInput):
+            bench.select_workloads(d, wls, bad)
+
+
+def test_physical_floor_bytes():
+    d = _definition()
+    assert floor.min_bytes(d, {"axes": {"batch_size": 1}}) == 3 * 4096 * 2
+    assert floor.min_bytes(d, {"axes": {"batch_size": 8192}}) == 2 * 8192 * 4096 * 2 + 4096 * 2
+    assert floor.floor_us(24576, 1e12, "cuda") == pytest.approx(0.024576)
+    assert floor.floor_us(24576, 1e10, "cpu") is None  # fits in cache: no floor on a CPU
+
+
+def test_bad_requests_are_refused_before_anything_runs(workspace):
+    with pytest.raises(PathRefused):
+        bench.prepare(workspace, "task", None, "all", "quick", "writer")
+    with pytest.raises(BadInput):
+        bench.prepare(workspace, None, None, "all", "quick", "writer")
+    cu = workspace.work_dir / "cu"
+    cu.mkdir()
+    (cu / "candidate.toml").write_text('language = "cuda"\nentry_point = "k.cu::run"\n')
+    (cu / "k.cu").write_text("// nothing\n")
+    with pytest.raises(NotAvailable, match="supported: python, triton"):
+        bench.prepare(workspace, "work/cu", None, "all", "quick", "writer")
+    _write_candidate(workspace, "ok", "def run(hidden_states, weight, output):\n    pass\n")
+    with pytest.raises(BadInput, match="unknown workload"):
+        bench.prepare(workspace, "work/ok", None, ["not-a-uuid"], "quick", "writer")
+    assert not (workspace.kda_dir / "jobs").exists()
+
+
+def test_policy_refuses_looser_integrity_thresholds(workspace):
+    from kda.tools.policy import load_policy
+
+    pol = workspace.root / "policy.toml"
+    pol.write_text(pol.read_text().replace("interference_ratio = 1.25", "interference_ratio = 1.9"))
+    with pytest.raises(PolicyError, match="benchmark.interference_ratio"):
+        load_policy(pol)
+
+
+# --- end to end through MCP ----------------------------------------------------------------------
+async def _bench(client, **args) -> dict:
+    r = await client.call_tool("benchmark", {"wait_s": 300, **args})
+    assert not r.is_error, r.content[0].text
+    return r.structured_content
+
+
+@pytest.mark.anyio
+async def test_python_candidate_end_to_end(workspace):
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(workspace, "writer") as client:
+        r = await client.call_tool("benchmark", {"path": path, "workloads": [BATCH1, BATCH2], "wait_s": 300})
+        out = r.structured_content
+        text = r.content[0].text
+        assert out["state"] == "done" and out["status"] == "PASSED", text
+        assert text.startswith("PASSED 2/2 workloads on cpu: mean speedup")
+        assert out["device"] == "cpu" and out["baseline"] == "reference"
+        for w in out["workloads"]:
+            assert w["status"] == "PASSED" and w["trials"] >= 3 and w["max_abs"] == 0.0
+            assert w["baseline_ci_us"][0] <= w["baseline_us"] <= w["baseline_ci_us"][1]
+            assert w["candidate_ci_us"][0] <= w["candidate_us"] <= w["candidate_ci_us"][1]
+            assert w["speedup"] == pytest.approx(w["baseline_us"] / w["candidate_us"])
+            assert w["speedup_ci"][0] <= w["speedup"] <= w["speedup_ci"][1]
+        assert out["mean_speedup_ci"][0] <= out["mean_speedup"] <= out["mean_speedup_ci"][1]
+        assert out["geomean_speedup"] <= out["mean_speedup"] + 1e-9
+
+        # The run is stored with its environment, config and samples; show_run pages through it.
+        run_id = out["run_id"]
+        r = await client.call_tool("show_run", {"run_id": run_id, "limit": 1})
+        page = r.structured_content
+        assert page["kind"] == "benchmark" and page["items_key"] == "workloads" and page["total_items"] == 2
+        assert page["next_offset"] == 1 and "samples" not in page["items"][0] and "logs" not in page["record"]
+        rec = page["record"]
+        assert rec["env"]["device"] == "cpu" and rec["env"]["worker"]["torch"] == torch.__version__
+        assert rec["env"]["isolation"] in ("bubblewrap", "rlimits-only")
+        assert rec["config"]["trials"] >= 3 and rec["config"]["order"].startswith("B C C B")
+        r = await client.call_tool("show_run", {"run_id": run_id, "offset": 1, "include_samples": True,
+                                                "include_logs": True})
+        item = r.structured_content["items"][0]
+        assert len(item["samples"]["candidate"]) >= 10 and len(item["samples"]["clean"]) >= 5
+        assert "candidate" in r.structured_content["record"]["logs"]
+        stored = workspace.store.get_run(run_id)
+        assert stored["candidate_hash"] == out["candidate_hash"] and stored["device"] == "cpu"
+        # The device's copy bandwidth was measured once and cached for later runs.
+        assert workspace.store.list_runs(kind="bandwidth")
+        r = await client.call_tool("show_run", {"run_id": "run_nope"})
+        assert r.is_error and "no run" in r.content[0].text
+    # Workers' scratch directories are gone; nothing of the run lingers outside the store.
+    assert not any((workspace.kda_dir / "jobs").glob("run_*"))
+
+
+@pytest.mark.anyio
+async def test_triton_candidate_runs_in_the_interpreter_on_cpu(workspace):
+    path = _install(workspace, DATA / "triton_rmsnorm")
+    async with mcp_client(workspace, "writer") as client:
+        out = await _bench(client, path=path, workloads=[BATCH1])
+        w = out["workloads"][0]
+        assert out["status"] == "PASSED", w
+        assert 0 < w["max_abs"] <= 0.25  # a different summation order than the reference, within tolerance
+        assert not any("torch compute ops" in f for f in out["flags"]), out["flags"]
+
+
+@pytest.mark.anyio
+async def test_value_returning_candidate_and_compile_error(workspace):
+    ret = _write_candidate(workspace, "ret", (
+        "import torch\n\n\ndef run(hidden_states, weight):\n    x = hidden_states.float()\n"
+        "    s = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-5)\n"
+        "    return (x * s * weight.float()).to(hidden_states.dtype)\n"), dps=False)
+    broken = _write_candidate(workspace, "broken", "def run(hidden_states, weight, output)\n    pass\n")
+    wrong_dtype = _write_candidate(workspace, "f32", (
+        "import torch\n\n\ndef run(hidden_states, weight):\n    return hidden_states.float()\n"), dps=False)
+    async with mcp_client(workspace, "writer") as client:
+        out = await _bench(client, path=ret, workloads=[BATCH1])
+        assert out["status"] == "PASSED", out["workloads"][0]
+        out = await _bench(client, path=broken, workloads=[BATCH1, BATCH2])
+        assert [w["status"] for w in out["workloads"]] == ["COMPILE_ERROR", "COMPILE_ERROR"]
+        assert "SyntaxError" in out["workloads"][0]["evidence"]
+        out = await _bench(client, path=wrong_dtype, workloads=[BATCH1])
+        assert out["workloads"][0]["status"] == "INCORRECT_DTYPE"
+        assert "float32" in out["workloads"][0]["evidence"]
+
+
+@pytest.mark.anyio
+async def test_long_run_returns_a_job_id_and_job_status_finishes_it(workspace, tmp_path):
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(workspace, "writer") as client:
+        first = await _bench(client, path=path, workloads=[BATCH1], wait_s=0)
+        assert first["state"] == "running" and first["job_id"].startswith("job_")
+        assert len(first["job_id"]) > 30  # 128 random bits
+        for _ in range(600):
+            r = await client.call_tool("job_status", {"job_id": first["job_id"]})
+            st = r.structured_content
+            if st["state"] != "running":
+                break
+            await anyio.sleep(0.2)
+        assert st["state"] == "done", st
+        assert st["result"]["status"] == "PASSED" and st["result"]["run_id"] == st["run_id"]
+        assert any("PASSED" in p["message"] for p in st["progress"])
+        assert r.content[0].text.startswith("done: PASSED")
+        r = await client.call_tool("job_status", {"job_id": "job_" + "0" * 32})
+        assert r.is_error and "no job" in r.content[0].text
+    # Jobs are bound to their workspace: another workspace does not know the id.
+    from kda.tools.task import init_workspace, resolve_task
+
+    other = init_workspace(tmp_path / "other", resolve_task("rmsnorm_h4096", None, None, None, None))
+    async with mcp_client(other, "reviewer") as client:
+        r = await client.call_tool("job_status", {"job_id": first["job_id"]})
+        assert r.is_error and "no job" in r.content[0].text
+
+
+def _bench_workers_under(root: Path) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if b"kda.sandbox.bench_worker" in Path(f"/proc/{p}/cmdline").read_bytes():
+                pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_call_kills_the_workers(workspace):
+    from kda.tools import jobs
+
+    path = _install(workspace, CASES / "hang")
+    before = set(_bench_workers_under(workspace.root))
+    async with mcp_client(workspace, "writer") as client:
+        with anyio.move_on_after(6):
+            await client.call_tool("benchmark", {"path": path, "workloads": [BATCH1], "wait_s": 120})
+            pytest.fail("the hanging candidate cannot finish within 6 s")
+        job = [j for j in jobs._JOBS.values() if Path(j.ws_root) == workspace.root][-1]
+        assert await anyio.to_thread.run_sync(lambda: job.done.wait(30))
+        assert job.state == "cancelled", (job.state, job.error)
+        assert set(_bench_workers_under(workspace.root)) - before == set()
+        r = await client.call_tool("job_status", {"job_id": job.id})
+        assert r.structured_content["state"] == "cancelled"
+        r = await client.call_tool("task_info", {"limit": 1})
+        assert not r.is_error
+
+
+@pytest.mark.anyio
+async def test_benchmark_refuses_a_broken_lock(workspace):
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    (workspace.task_dir / "workloads.jsonl").write_text((workspace.task_dir / "workloads.jsonl").read_text() + "\n")
+    async with mcp_client(workspace, "writer") as client:
+        r = await client.call_tool("benchmark", {"path": path, "workloads": [BATCH1]})
+        assert r.is_error and "lock mismatch" in r.content[0].text
+    assert workspace.store.list_runs(kind="benchmark") == []
+
+
+@pytest.mark.anyio
+async def test_speedup_is_against_the_locked_baseline_solution(tmp_path):
+    """With task/baseline/solution.json the speedup is measured against it, not the reference."""
+    from kda.tools.task import init_workspace, resolve_task
+
+    slow = {
+        "name": "slow_baseline", "definition": "rmsnorm_h4096", "author": "test",
+        "spec": {"language": "python", "target_hardware": ["cpu"], "entry_point": "main.py::run",
+                 "destination_passing_style": True},
+        "sources": [{"path": "main.py", "content": (
+            "import time\nimport torch\n\n\ndef run(hidden_states, weight, output):\n    time.sleep(0.003)\n"
+            "    x = hidden_states.float()\n    s = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-5)\n"
+            "    output.copy_((x * s * weight.float()).to(hidden_states.dtype))\n")}],
+    }
+    (tmp_path / "baseline.json").write_text(json.dumps(slow))
+    ws = init_workspace(tmp_path / "ws", resolve_task("rmsnorm_h4096", None, None, None, str(tmp_path / "baseline.json")))
+    path = _install(ws, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(ws, "writer") as client:
+        out = await _bench(client, path=path, workloads=[BATCH1])
+        w = out["workloads"][0]
+        assert out["baseline"] == "slow_baseline" and out["status"] == "PASSED", w
+        assert w["baseline_us"] > 3000 and w["speedup_ci"][0] > 5, w
+
+
+@pytest.mark.anyio
+async def test_verify_on_cpu_says_the_official_harness_needs_a_gpu(workspace):
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(workspace, "writer") as client:
+        mine = await _bench(client, path=path, workloads=[BATCH1])
+    runs_before = {r["id"] for r in workspace.store.list_runs(limit=500)}
+    files_before = sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")
+                          if p.is_file() and ".kda" not in p.parts)
+    async with mcp_client(workspace, "reviewer") as client:
+        r = await client.call_tool("verify", {"path": path, "workloads": [BATCH1], "wait_s": 300})
+        assert not r.is_error, r.content[0].text
+        v = r.structured_content
+        assert v["verdict"] == "unverified"  # never a pass without the official harness
+        assert v["official_ran"] is False and "needs a CUDA GPU" in v["official_reason"]
+        assert "not run (needs a CUDA GPU)" in r.content[0].text
+        assert v["integrity_status"] == "PASSED"
+        assert v["agreement"]["writer_run_id"] == mine["run_id"]
+        assert v["agrees_with_writer"] in (True, False)  # compared, whatever the CPU noise says
+        assert v["agreement"]["workloads"][0]["writer_status"] == "PASSED"
+        tools = {t.name for t in (await client.list_tools()).tools}
+        assert "verify" in tools and "benchmark" not in tools
+    new_runs = [r for r in workspace.store.list_runs(limit=500) if r["id"] not in runs_before]
+    assert [(r["kind"], r["role"]) for r in new_runs] == [("verify", "reviewer")]
+    files_after = sorted(p.relative_to(workspace.root) for p in workspace.root.rglob("*")
+                         if p.is_file() and ".kda" not in p.parts)
+    assert files_after == files_before
+
+
+@pytest.mark.anyio
+async def test_verify_rejects_a_candidate_that_does_not_pack(workspace):
+    d = workspace.work_dir / "empty_src"
+    d.mkdir()
+    (d / "candidate.toml").write_text('language = "python"\nentry_point = "kernel.py::run"\n')
+    (d / "kernel.py").write_text("")  # flashinfer-bench refuses empty source files
+    async with mcp_client(workspace, "reviewer") as client:
+        r = await client.call_tool("verify", {"path": "work/empty_src", "workloads": [BATCH1]})
+        assert r.is_error and "Solution" in r.content[0].text
