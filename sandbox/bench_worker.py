@@ -365,7 +365,7 @@ class Worker:
                 return {"error": {"status": "RUNTIME_ERROR", "check": "call", "trial": i,
                                   "evidence": f"trial {i}: {type(e).__name__}: {str(e)[:600]}",
                                   "traceback": traceback.format_exc()[-4000:], "fatal": _is_fatal(e)}}
-            new_threads = len(H.os_thread_ids() - tids0)
+            new_threads = len(H.new_threads(tids0))
             calls.append({"wall_ms": (_perf() - t0) * 1e3, "cpu_ms": (_thread_time() - c0) * 1e3,
                           "new_threads": new_threads})
             if new_threads and i > 0:  # the first call may start a JIT's or a library's helper threads
@@ -474,7 +474,7 @@ class Worker:
                 h1 = _perf()
                 ev_us = (h1 - h0) * 1e6
             # Untimed: what the call left behind.
-            new = H.os_thread_ids() - tids0
+            new = H.new_threads(tids0)
             sl.sums[slot] = _checksum(res)
             if not self.callee.dps:
                 sl.outputs[slot] = res
@@ -495,7 +495,7 @@ class Worker:
             ALERTS.add("TIMING_TAMPERED", "threads",
                        f"a timed call left {left_threads} new thread(s) running after it returned "
                        "(work finished after the timer stopped?)")
-        grown = H.os_thread_ids() - tids_block0
+        grown = H.new_threads(tids_block0)
         if grown and self.role == "candidate":
             ALERTS.add("TIMING_TAMPERED", "threads",
                        f"the process had {len(tids_block0)} threads before the timed block and "

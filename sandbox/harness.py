@@ -414,6 +414,21 @@ def os_thread_ids() -> set[int]:
         return {t.ident or 0 for t in threading.enumerate()}
 
 
+def new_threads(before: set[int]) -> set[int]:
+    """Threads alive now that were not in `before`, leaving out the CUDA driver's own helper
+    threads (named cuda-EvtHandlr, cuda0000..., created by the driver, never by a candidate)."""
+    out = set()
+    for tid in os_thread_ids() - before:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("cuda"):
+                    continue
+        except OSError:
+            continue  # already gone
+        out.add(tid)
+    return out
+
+
 def thread_cpu_ticks(tid: int) -> int | None:
     try:
         with open(f"/proc/self/task/{tid}/stat", "rb") as f:

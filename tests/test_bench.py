@@ -374,3 +374,46 @@ async def test_verify_rejects_a_candidate_that_does_not_pack(workspace):
     async with mcp_client(workspace, "reviewer") as client:
         r = await client.call_tool("verify", {"path": "work/empty_src", "workloads": [BATCH1]})
         assert r.is_error and "Solution" in r.content[0].text
+
+
+# --- the decision rules on synthetic samples ------------------------------------------------------
+def _analyzer(workspace, device: str):
+    run = object.__new__(bench.BenchRun)
+    run.ws, run.pol, run.device = workspace, workspace.policy, device
+    run.definition = workspace.definition()
+    return run
+
+
+def _state(wl, base, cand, clean=None, host=None, overhead=0.0, warmup=()):
+    st = bench.WorkloadState(wl)
+    st.base, st.cand, st.clean = list(base), list(cand), list(clean or base)
+    st.cand_host, st.overhead_us, st.cand_warmup = list(host or []), overhead, list(warmup)
+    return st
+
+
+def test_rules_floor_interference_side_stream_and_sleep(workspace):
+    big = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 8192)
+    small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)
+    gpu = _analyzer(workspace, "cuda")
+    bw = {"bytes_per_s": 3.0e12}
+    nbytes = floor.min_bytes(workspace.definition(), big)  # ~134 MB: at least 44.7 us at 3 TB/s
+    fast = [20.0 + 0.01 * i for i in range(100)]
+    r = gpu._analyze(_state(big, [60.0] * 100, fast), bw)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and r["floor_us"] == pytest.approx(nbytes / 3e6)
+    assert "physical floor" in r["evidence"] and "speedup" not in r
+    honest = [50.0 + 0.01 * i for i in range(100)]
+    assert gpu._analyze(_state(big, [60.0] * 100, honest), bw)["status"] == "PASSED"
+    # The baseline beside the candidate runs far slower than alone: interference, not speedup.
+    r = gpu._analyze(_state(small, [10.0 + 0.01 * i for i in range(100)], [4.0] * 100,
+                            clean=[5.0 + 0.01 * i for i in range(100)]), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "interference"
+    # Each call kept the device busy well past the timed stream's end event.
+    r = gpu._analyze(_state(small, [10.0] * 50, [3.0] * 50, host=[300.0] * 50, overhead=8.0), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "side_stream"
+    assert gpu._analyze(_state(small, [10.0] * 50, [3.0] * 50, host=[12.0] * 50, overhead=8.0),
+                        bw)["status"] == "PASSED"
+    # Warm-up calls that sleep (wall time without CPU time), more than once.
+    naps = [{"wall_ms": 60.0, "idle_ms": 59.0}, {"wall_ms": 61.0, "idle_ms": 60.0}]
+    r = gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "warmup_idle"
+    assert gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps[:1]), bw)["status"] == "PASSED"

@@ -1,0 +1,55 @@
+"""benchmark and verify on a CUDA GPU: a Triton RMSNorm end to end through the MCP tools."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import HAS_GPU, mcp_client
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
+
+DATA = Path(__file__).parent / "data_bench"
+
+
+@pytest.mark.anyio
+async def test_triton_rmsnorm_on_all_workloads(workspace):
+    shutil.copytree(DATA / "triton_rmsnorm", workspace.work_dir / "v1")
+    async with mcp_client(workspace, "writer") as client:
+        r = await client.call_tool("benchmark", {"path": "work/v1", "workloads": "all", "mode": "quick",
+                                                 "wait_s": 600})
+        assert not r.is_error, r.content[0].text
+        out = r.structured_content
+        assert out["state"] == "done", out
+        assert out["status"] == "PASSED", r.content[0].text
+        assert out["device"].startswith("cuda:") and out["total"] == 14
+        for w in out["workloads"]:
+            assert w["status"] == "PASSED", w
+            lo, hi = w["candidate_ci_us"]
+            if w["candidate_us"] >= 20:
+                assert (hi - lo) / w["candidate_us"] < 0.05, w  # tight intervals on a quiet GPU
+            if w["floor_us"] is not None:
+                assert w["candidate_us"] > w["floor_us"], w
+        big = [w for w in out["workloads"] if w["axes"]["batch_size"] >= 1024]
+        # One fused kernel against the reference's chain of torch ops.
+        assert all(w["speedup"] > 1.0 for w in big), [(w["axes"], w["speedup"]) for w in big]
+        assert out["geomean_speedup"] > 1.0
+
+        run = await client.call_tool("show_run", {"run_id": out["run_id"]})
+        env = run.structured_content["record"]["env"]
+        assert env["worker"]["gpu_name"] and env["worker"]["cuda"]
+        assert env["bandwidth"]["bytes_per_s"] > 5e11
+        assert "clocks.sm" in env["gpu_start"] or "nvidia_smi" in env["gpu_start"]
+        writer_run = out["run_id"]
+
+    async with mcp_client(workspace, "reviewer") as client:
+        r = await client.call_tool("verify", {"path": "work/v1", "workloads": "sample:3", "wait_s": 600})
+        assert not r.is_error, r.content[0].text
+        v = r.structured_content
+        assert v["official_ran"] is True, v["official_reason"]
+        assert v["verdict"] == "pass", r.content[0].text
+        assert all(w["status"] == "PASSED" for w in v["official"]), v["official"]
+        assert v["agreement"]["writer_run_id"] == writer_run
+        assert v["agrees_with_writer"] is not None
