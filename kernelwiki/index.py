@@ -48,7 +48,9 @@ MAX_K = 50
 # How deep each retriever looks before fusion, and the reciprocal-rank constant.
 CANDIDATES = 60
 RRF_K = 60
-BM25_WEIGHT = 1.0
+# Keyword ranks weigh a bit more than semantic ones: agents paste exact symptom, metric and
+# identifier names, which the embedding blurs.
+BM25_WEIGHT = 1.5
 DENSE_WEIGHT = 1.0
 EMBED_BATCH = 64
 
@@ -168,8 +170,9 @@ class Embedder:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
                 try:
                     from sentence_transformers import SentenceTransformer
-                except ImportError:
-                    raise NotAvailable("sentence-transformers is not installed (pip install kda-mcp[wiki])") from None
+                except ImportError as e:
+                    raise NotAvailable(f"sentence-transformers cannot be imported ({e}); "
+                                       "install it with pip install 'kda-mcp[wiki]'") from None
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
@@ -383,11 +386,26 @@ class WikiIndex:
         self._collection = self._client.get_or_create_collection(COLLECTION, embedding_function=_embedding_function())
 
     def _reopen_chroma(self) -> None:
-        from chromadb.api.client import SharedSystemClient
+        self.close()
+        self._open_chroma()
+
+    def _drop_broken_chroma(self) -> None:
+        """A failed PersistentClient can leave a half-started system in chromadb's per-process
+        cache, which breaks the next client on the same folder: forget it."""
+        from chromadb.api.shared_system_client import SharedSystemClient
 
         self._client = self._collection = None
-        SharedSystemClient.clear_system_cache()
-        self._open_chroma()
+        ident = str(self.path / "chroma")
+        SharedSystemClient._identifier_to_system.pop(ident, None)
+        SharedSystemClient._identifier_to_refcount.pop(ident, None)
+
+    def close(self) -> None:
+        """Release the chromadb client (its system stops when no other client in this process
+        uses the same folder)."""
+        client, self._client, self._collection = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     def _open_or_rebuild(self) -> None:
         try:
@@ -431,7 +449,8 @@ class WikiIndex:
         """The catalog is lost: start empty, re-add the pages, re-ingest known sources."""
         self._warn(f"{why}; rebuilding the index from scratch")
         known = self._read_sources_json()
-        self._client = self._collection = None
+        self.close()
+        self._drop_broken_chroma()
         for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
             with contextlib.suppress(FileNotFoundError):
                 (self.path / name).unlink()
@@ -450,7 +469,8 @@ class WikiIndex:
     def _rebuild_embeddings(self, why: str) -> None:
         """The catalog is fine but the embeddings are not: re-embed every catalog chunk."""
         self._warn(f"{why}; re-embedding all chunks")
-        self._client = self._collection = None
+        self.close()
+        self._drop_broken_chroma()
         shutil.rmtree(self.path / "chroma", ignore_errors=True)
         self._open_chroma()
         con = self._db()
@@ -849,13 +869,15 @@ class WikiIndex:
             r = self._rows[i]
             key = r["page_id"] if r["kind"] == "page" else r["id"]
             groups.setdefault(key, []).append((i, s))
-        ranked = sorted(groups.values(), key=lambda g: -(g[0][1] + 0.25 * sum(s for _, s in g[1:3])))[:k]
+        # A page ranks by its best chunk; its second-best only breaks ties. (Reciprocal ranks of
+        # neighbours differ by ~1/RRF_K^2, so any additive bonus would outvote the ranks.)
+        ranked = sorted(groups.values(), key=lambda g: (-g[0][1], -(g[1][1] if len(g) > 1 else 0.0)))[:k]
         texts = self._texts([self._rows[g[0][0]]["id"] for g in ranked])
         hits = []
         for g in ranked:
             i, s = g[0]
             r = self._rows[i]
-            score = g[0][1] + 0.25 * sum(x for _, x in g[1:3])
+            score = g[0][1]
             hits.append(Hit(page_id=r["page_id"], title=r["title"], heading_path=list(r["heading"]),
                             snippet=snippet(texts.get(r["id"], ""), query), score=round(float(score), 5),
                             sources=list(r["sources"]), source=r["source"], kind=r["kind"], type=r["type"],

@@ -198,6 +198,8 @@ def cpp_defs(text: str) -> list[tuple[tuple[str, ...], int, int]]:
             for k in range(i, j):
                 if code[k] != "\n":
                     code[k] = " "
+            if j > i and code[j - 1] == " ":
+                code[j - 1] = ";"  # a directive ends a statement: the next definition starts after it
             i = j
             continue
         if c == "/" and i + 1 < n and text[i + 1] == "/":

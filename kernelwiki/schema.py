@@ -261,7 +261,7 @@ def chunk_page(page: Page) -> list[Chunk]:
             chunks.append(Chunk(
                 page_id=m.id, title=m.title, heading_path=hp, text=piece, source=PAGES_SOURCE, kind="page",
                 path=page.path.name, ordinal=len(chunks), type=m.type, architectures=tuple(m.architectures),
-                tags=tuple(m.tags), symptoms=tuple(m.symptoms), sources=tuple(m.sources),
+                tags=tuple(t.lower() for t in m.tags), symptoms=tuple(m.symptoms), sources=tuple(m.sources),
             ))
     return chunks
 
