@@ -19,7 +19,9 @@ from kda.sandbox import harness as H
 from kda.tools import bench, floor
 from kda.tools.errors import BadInput, NotAvailable, PathRefused, PolicyError
 
-from conftest import mcp_client
+from conftest import HAS_GPU, mcp_client
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
 
 DATA = Path(__file__).parent / "data_bench"
 CASES = Path(__file__).parent / "adversarial" / "cases"
@@ -175,8 +177,8 @@ async def test_python_candidate_end_to_end(workspace):
         out = r.structured_content
         text = r.content[0].text
         assert out["state"] == "done" and out["status"] == "PASSED", text
-        assert text.startswith("PASSED 2/2 workloads on cpu: mean speedup")
-        assert out["device"] == "cpu" and out["baseline"] == "reference"
+        assert text.startswith(f"PASSED 2/2 workloads on {DEVICE}") and "mean speedup" in text
+        assert out["device"].startswith(DEVICE) and out["baseline"] == "reference"
         for w in out["workloads"]:
             assert w["status"] == "PASSED" and w["trials"] >= 3 and w["max_abs"] == 0.0
             assert w["baseline_ci_us"][0] <= w["baseline_us"] <= w["baseline_ci_us"][1]
@@ -193,7 +195,7 @@ async def test_python_candidate_end_to_end(workspace):
         assert page["kind"] == "benchmark" and page["items_key"] == "workloads" and page["total_items"] == 2
         assert page["next_offset"] == 1 and "samples" not in page["items"][0] and "logs" not in page["record"]
         rec = page["record"]
-        assert rec["env"]["device"] == "cpu" and rec["env"]["worker"]["torch"] == torch.__version__
+        assert rec["env"]["device"].startswith(DEVICE) and rec["env"]["worker"]["torch"] == torch.__version__
         assert rec["env"]["isolation"] in ("bubblewrap", "rlimits-only")
         assert rec["config"]["trials"] >= 3 and rec["config"]["order"].startswith("B C C B")
         r = await client.call_tool("show_run", {"run_id": run_id, "offset": 1, "include_samples": True,
@@ -202,7 +204,7 @@ async def test_python_candidate_end_to_end(workspace):
         assert len(item["samples"]["candidate"]) >= 10 and len(item["samples"]["clean"]) >= 5
         assert "candidate" in r.structured_content["record"]["logs"]
         stored = workspace.store.get_run(run_id)
-        assert stored["candidate_hash"] == out["candidate_hash"] and stored["device"] == "cpu"
+        assert stored["candidate_hash"] == out["candidate_hash"] and stored["device"] == out["device"]
         # The device's copy bandwidth was measured once and cached for later runs.
         assert workspace.store.list_runs(kind="bandwidth")
         r = await client.call_tool("show_run", {"run_id": "run_nope"})
@@ -218,7 +220,7 @@ async def test_triton_candidate_runs_in_the_interpreter_on_cpu(workspace):
         out = await _bench(client, path=path, workloads=[BATCH1])
         w = out["workloads"][0]
         assert out["status"] == "PASSED", w
-        assert 0 < w["max_abs"] <= 0.25  # a different summation order than the reference, within tolerance
+        assert 0 <= w["max_abs"] <= 0.25  # a different summation order than the reference, within tolerance
         assert not any("torch compute ops" in f for f in out["flags"]), out["flags"]
 
 
@@ -338,6 +340,7 @@ async def test_speedup_is_against_the_locked_baseline_solution(tmp_path):
 
 
 @pytest.mark.anyio
+@pytest.mark.skipif(HAS_GPU, reason="CPU-only behaviour; tests/test_bench_gpu.py covers verify on a GPU")
 async def test_verify_on_cpu_says_the_official_harness_needs_a_gpu(workspace):
     path = _install(workspace, DATA / "torch_rmsnorm", "v1")
     async with mcp_client(workspace, "writer") as client:

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -107,7 +107,7 @@ def visible_gpus() -> list[str]:
 
 class Executor(Protocol):
     def lease(self, need_gpu: bool | None, cancel: CancelToken, on_wait: Callable[[str], None] | None = None
-              ) -> "contextlib.AbstractContextManager[Lease]": ...  # noqa: F821
+              ) -> AbstractContextManager[Lease]: ...
 
 
 class LocalPool:

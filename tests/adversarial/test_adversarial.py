@@ -26,7 +26,8 @@ CPU_CASES = {
     "inf": ("INCORRECT_NUMERICAL", "nan_inf", "Inf"),
     "unwritten": ("INCORRECT_NUMERICAL", "nan_inf", "unwritten"),
     "zero_inputs": ("INPUT_MUTATED", "input_mutation", "hidden_states"),
-    "data_ptr_cache": ("INCORRECT_NUMERICAL", "timed_outputs", "timed iteration"),
+    # Caught in the trials where the allocator reuses an address (GPU), else in the timed outputs (CPU).
+    "data_ptr_cache": ("INCORRECT_NUMERICAL", {"timed_outputs", "tolerance"}, None),
     "cpu_thread": ("TIMING_TAMPERED", "threads", "thread"),
     "patch_perf_counter": ("TIMING_TAMPERED", "timer_identity", "time.perf_counter"),
     "patch_elapsed_time": ("TIMING_TAMPERED", "timer_identity", "torch.cuda.Event.elapsed_time"),
@@ -67,7 +68,7 @@ async def test_attack_is_caught(workspace, name):
         assert w["status"] == status, (name, w["status"], w["check"], w["evidence"])
         assert out["status"] == status
         if check:
-            assert w["check"] == check, (name, w["check"], w["evidence"])
+            assert w["check"] in ({check} if isinstance(check, str) else check), (name, w["check"], w["evidence"])
         if text:
             assert text in w["evidence"], (name, w["evidence"])
         assert w["evidence"], "a failure must say why"
