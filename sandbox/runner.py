@@ -163,6 +163,11 @@ def sandbox_pythonpath() -> list[Path]:
     root = repo_root()
     if root not in dirs:
         dirs.append(root)
+    # A server that finds its packages through PYTHONPATH (a --target install, as on a bare GPU
+    # image) hands the same path to its workers.
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and Path(entry).is_dir() and Path(entry).resolve() not in dirs:
+            dirs.append(Path(entry).resolve())
     return dirs
 
 
@@ -205,6 +210,10 @@ def _bwrap_argv(job: Job, uid: int | None) -> list[str]:
                 out += ["--perms", "0755", "--dir", str(anc)]
         return out
 
+    # Python packages the server imports from under /tmp (a --target install) stay visible.
+    for p in sandbox_pythonpath():
+        if p.is_relative_to("/tmp"):
+            a += [*parents(p), "--ro-bind", str(p), str(p)]
     hidden_homes, keep = _home_rebinds()
     for h in hidden_homes:  # binds below re-expose what a job needs under it
         a += ["--tmpfs", str(h)]
@@ -261,6 +270,8 @@ def _env(job: Job) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.update(HOME=str(Path(job.cwd).resolve()), TMPDIR="/tmp", PYTHONDONTWRITEBYTECODE="1",
                PYTHONNOUSERSITE="1")
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if not job.gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(job.env)

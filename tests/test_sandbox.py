@@ -205,3 +205,13 @@ def test_only_profile_jobs_keep_privileges(job_dir):
     assert kept.stdout_tail.strip() == str(os.getuid()) and "privileged" in kept.isolation
     if os.geteuid() == 0:
         assert plain.stdout_tail.strip() != "0" and plain.isolation == "bubblewrap"
+
+
+def test_workers_import_what_the_server_imports_through_pythonpath(job_dir, tmp_path, monkeypatch):
+    """A --target install under /tmp on PYTHONPATH (as on a bare GPU image) stays importable."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "probe_mod_kda.py").write_text("VALUE = 42\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    r = run_job(py("import probe_mod_kda; print(probe_mod_kda.VALUE)", job_dir, wall_timeout_s=30))
+    assert r.ok and r.stdout_tail.strip() == "42", r
