@@ -726,6 +726,12 @@ class WikiIndex:
 
     # --- filters -----------------------------------------------------------------------------
     def known_values(self) -> dict[str, set[str]]:
+        if getattr(self, "_known_gen", None) != self._generation:
+            self._known = self._collect_values()
+            self._known_gen = self._generation
+        return self._known
+
+    def _collect_values(self) -> dict[str, set[str]]:
         vals: dict[str, set[str]] = {"type": set(), "architecture": set(), "tags": set(), "symptom": set(), "source": set()}
         for r in self._rows:
             if r["type"]:
@@ -828,7 +834,7 @@ class WikiIndex:
                     bm_rank[i] = rank
                     fused[i] = fused.get(i, 0.0) + BM25_WEIGHT / (RRF_K + rank + 1)
             if mode in ("hybrid", "dense"):
-                for rank, i in enumerate(self._dense_top(query, f, min(CANDIDATES, n_ok))):
+                for rank, i in enumerate(self._dense_top(query, f, mask, min(CANDIDATES, n_ok))):
                     fused[i] = fused.get(i, 0.0) + DENSE_WEIGHT / (RRF_K + rank + 1)
             hits = self._collapse(fused, query, k)
         if not hits:
@@ -846,14 +852,46 @@ class WikiIndex:
         top = np.argsort(-scores, kind="stable")[:n]
         return [int(i) for i in top if scores[i] > 0]
 
-    def _dense_top(self, query: str, f: dict[str, list[str]], n: int) -> list[int]:
+    def _dense_top(self, query: str, f: dict[str, list[str]], mask: np.ndarray, n: int) -> list[int]:
         if n <= 0 or not self._rows:
             return []
-        vec = Embedder.get().encode([query])
-        res = self._collection.query(query_embeddings=vec.tolist(), n_results=n, where=self._where(f),
-                                     include=[])
+        vec = Embedder.get().encode([query]).tolist()
         pos = self._positions()
+        if f:
+            # A filtered vector search costs chromadb a metadata pass; when the filter keeps a
+            # good share of the index, over-fetching unfiltered and masking is cheaper.
+            share = float(mask.mean())
+            if share >= 0.2:
+                want = min(len(self._rows), int(n / share * 1.5) + 10)
+                res = self._collection.query(query_embeddings=vec, n_results=want, include=[])
+                got = [pos[i] for i in res["ids"][0] if i in pos and mask[pos[i]]]
+                if len(got) >= n or want >= len(self._rows):
+                    return got[:n]
+            allowed = np.flatnonzero(mask)
+            if len(allowed) <= 20_000:
+                return self._exact_top(np.asarray(vec[0], np.float32), allowed, n)
+        res = self._collection.query(query_embeddings=vec, n_results=n, where=self._where(f), include=[])
         return [pos[i] for i in res["ids"][0] if i in pos]
+
+    def _exact_top(self, q: np.ndarray, allowed: np.ndarray, n: int) -> list[int]:
+        """Cosine ranking over a filtered subset with its stored vectors, fetched from chromadb once
+        per generation: for a narrow filter this is exact and faster than a filtered ANN query."""
+        if getattr(self, "_vec_gen", None) != self._generation:
+            self._vecs: dict[str, np.ndarray] = {}
+            self._vec_gen = self._generation
+        ids = [self._rows[i]["id"] for i in allowed]
+        missing = [i for i in ids if i not in self._vecs]
+        for a in range(0, len(missing), 2000):
+            got = self._collection.get(ids=missing[a:a + 2000], include=["embeddings"])
+            for cid, emb in zip(got["ids"], got["embeddings"]):
+                self._vecs[cid] = np.asarray(emb, np.float32)
+        have = [(i, self._vecs[cid]) for i, cid in zip(allowed, ids) if cid in self._vecs]
+        if not have:
+            return []
+        mat = np.stack([v for _, v in have])
+        scores = mat @ q
+        top = np.argsort(-scores, kind="stable")[:n]
+        return [int(have[j][0]) for j in top]
 
     def _positions(self) -> dict[str, int]:
         if getattr(self, "_pos_gen", None) != self._generation:
@@ -969,14 +1007,18 @@ def snippet(text: str, query: str, width: int = 320) -> str:
     flat = " ".join(text.split())
     if len(flat) <= width:
         return flat
-    words = {w for w in tokenize(query) if len(w) > 2}
-    best, best_score = 0, -1
-    step = max(40, width // 4)
-    for start in range(0, max(1, len(flat) - width // 2), step):
-        window = flat[start:start + width]
-        score = sum(1 for w in tokenize(window) if w in words)
-        if score > best_score:
-            best, best_score = start, score
+    words = {w for w in re.findall(r"[a-z0-9_]{3,}", query.lower()) if w not in STOPWORDS}
+    hits = [m.start() for m in re.finditer(r"[a-z0-9_]{3,}", flat.lower()) if m.group(0) in words
+            or m.group(0).rstrip("s") in words]
+    best = 0
+    if hits:
+        # the window [h, h + width) that covers the most hits, found with two pointers
+        j, best_n = 0, 0
+        for a, h in enumerate(hits):
+            while j < len(hits) and hits[j] < h + width * 0.8:
+                j += 1
+            if j - a > best_n:
+                best_n, best = j - a, max(0, h - width // 5)
     if best:
         sp = flat.find(" ", best)
         best = sp + 1 if 0 <= sp < best + 30 else best

@@ -14,6 +14,18 @@ import yaml
 QUERIES = Path(__file__).with_name("queries.yaml")
 
 
+@pytest.fixture(scope="module")
+def wiki_index(tmp_path_factory):
+    """One index of the shipped pages, built in a temporary folder (a conftest.py here would
+    shadow tests/conftest.py, which other test modules import by name)."""
+    pytest.importorskip("chromadb")
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("bm25s")
+    from kda.kernelwiki.index import WikiIndex
+
+    return WikiIndex(tmp_path_factory.mktemp("wiki_eval") / "index")
+
+
 def _load_queries() -> list[dict]:
     data = yaml.safe_load(QUERIES.read_text())
     return data["queries"]
