@@ -123,6 +123,9 @@ class _Guard:
 
     def __init__(self, protected: list[str], reference_files: list[str]):
         self.protected = [os.path.abspath(p) for p in protected]
+        # The worker's own job dir (its cwd and HOME: caches such as Triton's live there) sits under
+        # the workspace's .kda/ but belongs to the candidate.
+        self.allowed = [os.path.abspath(os.getcwd())]
         self.reference_files = {os.path.abspath(p) for p in reference_files}
         self.busy = threading.local()
 
@@ -137,6 +140,8 @@ class _Guard:
         except Exception:
             return None
         for c in cands:
+            if any(c == ok or c.startswith(ok + os.sep) for ok in self.allowed):
+                continue
             for prot in self.protected:
                 if c == prot or c.startswith(prot + os.sep):
                     return c

@@ -420,3 +420,22 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     r = gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps), bw)
     assert r["status"] == "TIMING_TAMPERED" and r["check"] == "warmup_idle"
     assert gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps[:1]), bw)["status"] == "PASSED"
+
+
+@pytest.mark.anyio
+async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
+    """Compilers cache under HOME (the worker's job dir, inside .kda/jobs/): not a violation."""
+    code = (
+        "import os\n"
+        "def run(hidden_states, weight, output):\n"
+        "    d = os.path.join(os.path.expanduser('~'), '.cache', 'kernels')\n"
+        "    os.makedirs(d, exist_ok=True)\n"
+        "    open(os.path.join(d, 'entry'), 'w').write('x')\n"
+        "    x = hidden_states.float()\n"
+        "    y = x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * weight.float()\n"
+        "    output.copy_(y.to(output.dtype))\n"
+    )
+    path = _write_candidate(workspace, "caching", code)
+    async with mcp_client(workspace, "writer") as client:
+        out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
+    assert out["status"] == "PASSED", out
