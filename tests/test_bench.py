@@ -415,6 +415,17 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     assert r["status"] == "TIMING_TAMPERED" and r["check"] == "side_stream"
     assert gpu._analyze(_state(small, [10.0] * 50, [3.0] * 50, host=[12.0] * 50, overhead=8.0),
                         bw)["status"] == "PASSED"
+    # A few microseconds beyond the events that the baseline shows too are launch/sync latency ...
+    honest_st = _state(small, [10.0] * 50, [3.0] * 50, host=[3.0 + 8.0 + 7.0] * 50, overhead=8.0)
+    honest_st.base_host, honest_st.base_overhead_us = [10.0 + 8.0 + 6.5] * 50, 8.0
+    r = gpu._analyze(honest_st, bw)
+    assert r["status"] == "PASSED" and r["unaccounted_us"] == pytest.approx(7.0)
+    assert r["baseline_unaccounted_us"] == pytest.approx(6.5)
+    # ... but the same latency in the baseline does not excuse hidden work on top of it.
+    hidden = _state(small, [10.0] * 50, [3.0] * 50, host=[3.0 + 8.0 + 7.0 + 9.0] * 50, overhead=8.0)
+    hidden.base_host, hidden.base_overhead_us = [10.0 + 8.0 + 6.5] * 50, 8.0
+    r = gpu._analyze(hidden, bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "side_stream" and "more than the baseline" in r["evidence"]
     # Warm-up calls that sleep (wall time without CPU time), more than once.
     naps = [{"wall_ms": 60.0, "idle_ms": 59.0}, {"wall_ms": 61.0, "idle_ms": 60.0}]
     r = gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps), bw)
