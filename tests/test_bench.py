@@ -422,7 +422,7 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     assert r["status"] == "PASSED" and r["unaccounted_us"] == pytest.approx(7.0)
     assert r["baseline_unaccounted_us"] == pytest.approx(6.5)
     # ... but the same latency in the baseline does not excuse hidden work on top of it.
-    hidden = _state(small, [10.0] * 50, [3.0] * 50, host=[3.0 + 8.0 + 7.0 + 9.0] * 50, overhead=8.0)
+    hidden = _state(small, [10.0] * 50, [3.0] * 50, host=[3.0 + 8.0 + 7.0 + 15.0] * 50, overhead=8.0)
     hidden.base_host, hidden.base_overhead_us = [10.0 + 8.0 + 6.5] * 50, 8.0
     r = gpu._analyze(hidden, bw)
     assert r["status"] == "TIMING_TAMPERED" and r["check"] == "side_stream" and "more than the baseline" in r["evidence"]

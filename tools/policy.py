@@ -91,7 +91,7 @@ class BenchmarkPolicy(_Strict):
     # Integrity thresholds (floors: a workspace may lower them, never raise them).
     interference_ratio: float = Field(1.25, gt=1.0, le=2.0)
     cpu_interference_ratio: float = Field(3.0, gt=1.0, le=5.0)
-    unaccounted_us: float = Field(5.0, gt=0, le=1000.0)
+    unaccounted_us: float = Field(10.0, gt=0, le=1000.0)
 
 
 class Policy(_Strict):
