@@ -195,8 +195,10 @@ def _home_rebinds() -> tuple[list[Path], list[Path]]:
 
 def _bwrap_argv(job: Job, uid: int | None) -> list[str]:
     cwd = Path(job.cwd).resolve()
-    a = [_bwrap() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-         "--perms", "1777", "--tmpfs", "/tmp"]
+    # /dev/shm is a private tmpfs: POSIX semaphores (multiprocessing locks) and shared memory
+    # need it, and nothing in it is shared with the host.
+    a = [_bwrap() or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm",
+         "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp"]
     tmpfs_roots = [Path("/tmp")]
     made: set[Path] = set()
 

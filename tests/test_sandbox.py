@@ -215,3 +215,10 @@ def test_workers_import_what_the_server_imports_through_pythonpath(job_dir, tmp_
     monkeypatch.setenv("PYTHONPATH", str(site))
     r = run_job(py("import probe_mod_kda; print(probe_mod_kda.VALUE)", job_dir, wall_timeout_s=30))
     assert r.ok and r.stdout_tail.strip() == "42", r
+
+
+def test_posix_semaphores_work_in_the_sandbox(job_dir):
+    """multiprocessing locks (flashinfer-bench's harness makes one at import) need /dev/shm."""
+    r = run_job(py("import multiprocessing as m; l = m.Lock(); l.acquire(); l.release(); print('locked')", job_dir,
+                   wall_timeout_s=30))
+    assert r.ok and r.stdout_tail.strip() == "locked", r
