@@ -683,7 +683,7 @@ class BenchRun:
 
                 unaccounted = beyond(st.cand_host, st.cand, st.overhead_us)
                 honest = max(0.0, beyond(st.base_host, st.base, st.base_overhead_us)) if st.base_host else 0.0
-                limit = max(self.pol.benchmark.unaccounted_us, 0.25 * c.value)
+                limit = max(self.pol.benchmark.unaccounted_us, self.pol.benchmark.unaccounted_ratio * c.value)
                 out["unaccounted_us"] = unaccounted
                 out["baseline_unaccounted_us"] = honest
                 if unaccounted - honest > limit:

@@ -92,6 +92,7 @@ class BenchmarkPolicy(_Strict):
     interference_ratio: float = Field(1.25, gt=1.0, le=2.0)
     cpu_interference_ratio: float = Field(3.0, gt=1.0, le=5.0)
     unaccounted_us: float = Field(10.0, gt=0, le=1000.0)
+    unaccounted_ratio: float = Field(2.0, gt=0, le=10.0)
 
 
 class Policy(_Strict):
@@ -168,7 +169,7 @@ def _check_floors(p: Policy, base: Policy, source: str) -> None:
     if base.sandbox.require_isolation and not p.sandbox.require_isolation:
         looser.append("sandbox.require_isolation turned off")
     bp, bb = p.benchmark, base.benchmark
-    for key in ("interference_ratio", "cpu_interference_ratio", "unaccounted_us"):
+    for key in ("interference_ratio", "cpu_interference_ratio", "unaccounted_us", "unaccounted_ratio"):
         if getattr(bp, key) > getattr(bb, key):
             looser.append(f"benchmark.{key} {getattr(bp, key)} > floor {getattr(bb, key)}")
     missing = [g for g in base.paths.protected if g not in p.paths.protected]
