@@ -31,4 +31,6 @@ fi
 # CUDA kernels) is not needed by kda, so it is installed without dependencies.
 "${PIP[@]}" install "${quiet[@]}" --no-deps "flashinfer-bench==0.1.2"
 "${PIP[@]}" install "${quiet[@]}" -e ".[wiki,profile,dev]"
+# Build the KernelWiki index now (embeddings of the shipped pages) so the first search is fast.
+.venv/bin/kda wiki build >/dev/null || echo "setup: wiki index not built now; it is built on first use"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"

@@ -24,24 +24,22 @@ from kda.tools.task import init_workspace, resolve_task
 EXAMPLES = ("triton_v1", "cached_cheat")
 
 
-def _plan(has_gpu: bool) -> list[tuple[str, str, dict[str, Any]]]:
+def _plan(workloads: Any) -> list[tuple[str, str, dict[str, Any]]]:
     """(role, tool, arguments) in the order a real session would go."""
-    bench_wl = "all" if has_gpu else "sample:3"
     return [
-        ("writer", "task_info", {"limit": 3}),
         ("writer", "wiki_search", {"query": "rmsnorm is memory bound, how do I reach DRAM bandwidth?", "k": 3}),
-        ("writer", "wiki_read", {"page_id": "rmsnorm-layernorm", "limit": 20}),
+        ("writer", "wiki_read", {"page_id": "rmsnorm-layernorm", "section": "Symptoms in Nsight Compute", "limit": 1200}),
         ("writer", "compile", {"path": "work/triton_v1"}),
         ("writer", "compile", {"path": "work/triton_v1"}),  # second time: served from the cache
-        ("writer", "benchmark", {"path": "work/triton_v1", "workloads": bench_wl, "mode": "quick"}),
-        ("writer", "benchmark", {"path": "work/cached_cheat", "workloads": "sample:2", "mode": "quick"}),
-        ("writer", "show_run", {"run_id": "$last_run", "limit": 3}),
+        ("writer", "benchmark", {"path": "work/triton_v1", "workloads": workloads, "mode": "quick"}),
+        ("writer", "benchmark", {"path": "work/cached_cheat", "workloads": workloads, "mode": "quick"}),
+        ("writer", "show_run", {"run_id": "$first_bench", "limit": 3}),
         ("writer", "profile", {"path": "work/triton_v1"}),
         ("writer", "profile_summary", {"report": "$last_profile"}),
         ("reviewer", "task_info", {"limit": 1}),
+        ("reviewer", "verify", {"path": "work/triton_v1", "workloads": workloads}),
         ("reviewer", "show_run", {"run_id": "$first_bench", "limit": 3}),
-        ("reviewer", "verify", {"path": "work/triton_v1"}),
-        ("reviewer", "audit_log", {"limit": 5}),
+        ("reviewer", "audit_log", {"role": "writer", "limit": 5}),
         ("reviewer", "audit_verify", {}),
         ("writer", "compile", {"path": "../outside"}),  # refused: outside the workspace
     ]
@@ -73,6 +71,24 @@ def _substitute(args: dict[str, Any], memo: dict[str, str]) -> dict[str, Any] | 
     return out
 
 
+async def _call(client: Client, role: str, name: str, args: dict[str, Any]) -> Any:
+    t0 = time.perf_counter()
+    r = await client.call_tool(name, args)
+    # Long measurements come back as a job: follow it the way an agent would.
+    s = r.structured_content if isinstance(r.structured_content, dict) else {}
+    while not r.is_error and s.get("state") == "running" and s.get("job_id"):
+        await anyio.sleep(2.0)
+        r = await client.call_tool("job_status", {"job_id": s["job_id"]})
+        s = r.structured_content if isinstance(r.structured_content, dict) else {}
+        if s.get("state") != "running" and isinstance(s.get("result"), dict):
+            s = s["result"]
+    dt = time.perf_counter() - t0
+    text = r.content[0].text.splitlines()[0] if r.content else ""
+    shown = ", ".join(f"{k}={v}" for k, v in args.items())
+    print(f"[{role}] {name}({shown})  {dt:.1f}s\n    {'ERROR ' if r.is_error else ''}{text}")
+    return r, s
+
+
 async def _session(ws: Path) -> int:
     failures = 0
     memo: dict[str, str] = {}
@@ -82,7 +98,13 @@ async def _session(ws: Path) -> int:
         for role in clients:
             print(f"[{role}] tools: {', '.join(sorted(tools[role]))}")
         print()
-        for role, name, args in _plan(_has_gpu()):
+        r, info = await _call(writer, "writer", "task_info", {"limit": 50})
+        if _has_gpu():
+            workloads: Any = "all"
+        else:  # the CPU path runs Triton's interpreter: the two smallest workloads keep it short
+            by_size = sorted(info["workloads"], key=lambda w: sorted(w["axes"].values()))
+            workloads = [w["uuid"] for w in by_size[:2]]
+        for role, name, args in _plan(workloads):
             if name not in tools[role]:
                 print(f"[{role}] {name}: not available on this server")
                 continue
@@ -90,24 +112,21 @@ async def _session(ws: Path) -> int:
             if call_args is None:
                 print(f"[{role}] {name}: skipped (needs an earlier result)")
                 continue
-            t0 = time.perf_counter()
-            r = await clients[role].call_tool(name, call_args)
-            dt = time.perf_counter() - t0
-            text = r.content[0].text.splitlines()[0] if r.content else ""
-            shown = ", ".join(f"{k}={v}" for k, v in call_args.items())
-            print(f"[{role}] {name}({shown})  {dt:.1f}s\n    {'ERROR ' if r.is_error else ''}{text}")
-            s = r.structured_content or {}
-            if not r.is_error and isinstance(s, dict):
-                run_id = s.get("run_id")
-                if run_id:
-                    memo["last_run"] = run_id
-                    if name == "benchmark":
-                        memo.setdefault("first_bench", run_id)
-                    if name == "profile":
-                        memo["last_profile"] = run_id
-            expected_error = call_args.get("path") == "../outside"
-            if r.is_error != expected_error:
-                failures += 0 if name in ("profile", "verify") else 1
+            r, s = await _call(clients[role], role, name, call_args)
+            run_id = s.get("run_id") if not r.is_error else None
+            if run_id:
+                memo["last_run"] = run_id
+                if name == "benchmark":
+                    memo.setdefault("first_bench", run_id)
+                if name == "profile":
+                    memo["last_profile"] = run_id
+            expected_error = call_args.get("path") == "../outside" or (name == "profile" and not _has_gpu())
+            if name == "benchmark" and not r.is_error:
+                expected = "PASSED" if "triton_v1" in call_args["path"] else None
+                ok = s.get("status") == expected if expected else s.get("status") != "PASSED"
+                failures += not ok
+            elif r.is_error != expected_error:
+                failures += 1
     return failures
 
 
