@@ -64,8 +64,8 @@ def main() -> None:
         ws = Path(tmp) / "ws"
         init_workspace(ws, resolve_task("rmsnorm_h4096", None, None, None, None))
         servers = {
-            "kda serve (writer)": [sys.executable, "-m", "kda.server.cli", "serve", "--workspace", str(ws), "--role", "writer"],
-            "kda serve (reviewer)": [sys.executable, "-m", "kda.server.cli", "serve", "--workspace", str(ws), "--role", "reviewer"],
+            "kda serve (writer)": [sys.executable, "-m", "kda.server.entry", "serve", "--workspace", str(ws), "--role", "writer"],
+            "kda serve (reviewer)": [sys.executable, "-m", "kda.server.entry", "serve", "--workspace", str(ws), "--role", "reviewer"],
             "bare MCPServer, 1 tool": [sys.executable, str(HERE / "_bare_server.py")],
         }
         times: dict[str, list[float]] = {k: [] for k in servers}

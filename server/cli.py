@@ -62,23 +62,11 @@ def serve(
     port: int = typer.Option(8765, "--port"),
 ) -> None:
     """Serve one role of one workspace over MCP."""
-    from kda.tools.workspace import Workspace
+    from .entry import run_server
 
-    from .app import build_server
-
-    if role not in ("writer", "reviewer"):
-        _fail(KdaError(f"unknown role {role!r}: use writer or reviewer"))
-    if transport not in ("stdio", "http"):
-        _fail(KdaError(f"unknown transport {transport!r}: use stdio or http"))
-    try:
-        ws = Workspace.open(workspace)
-        server, _ = build_server(ws, role)
-    except KdaError as e:
-        _fail(e)
-    if transport == "stdio":
-        server.run("stdio")
-    else:
-        server.run("streamable-http", host=host, port=port)
+    code = run_server(workspace, role, transport, host, port)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("client-config")
@@ -122,9 +110,7 @@ def demo(
     raise typer.Exit(code)
 
 
-def main() -> None:
-    app()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from .entry import main as entry_main
+
+    entry_main()

@@ -14,7 +14,7 @@ from kda.tools.workspace import Workspace
 
 def _kda_command() -> list[str]:
     exe = shutil.which("kda")
-    return [exe] if exe else [sys.executable, "-m", "kda.server.cli"]
+    return [exe] if exe else [sys.executable, "-m", "kda.server.entry"]
 
 
 def _serve_args(ws: Workspace, role: str) -> list[str]:

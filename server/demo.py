@@ -56,7 +56,7 @@ def _has_gpu() -> bool:
 
 def _server(ws: Path, role: str) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable,
-                                 args=["-m", "kda.server.cli", "serve", "--workspace", str(ws), "--role", role],
+                                 args=["-m", "kda.server.entry", "serve", "--workspace", str(ws), "--role", role],
                                  env=dict(os.environ))
 
 

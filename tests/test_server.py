@@ -136,7 +136,7 @@ def test_client_configs(workspace):
 
 async def _hammer(ws_root: Path, role: str, calls: int) -> int:
     params = StdioServerParameters(command=sys.executable,
-                                   args=["-m", "kda.server.cli", "serve", "--workspace", str(ws_root), "--role", role],
+                                   args=["-m", "kda.server.entry", "serve", "--workspace", str(ws_root), "--role", role],
                                    env=dict(os.environ))
     ok = 0
     async with Client(params) as c:
