@@ -212,3 +212,25 @@ def test_server_startup_imports_nothing_heavy(workspace):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("target", ["task/workloads.jsonl", "policy.toml"])
+async def test_lock_tampering_fails_the_next_measuring_call(workspace, target):
+    cand = workspace.work_dir / "v1"
+    cand.mkdir()
+    (cand / "candidate.toml").write_text('language = "python"\nentry_point = "k.py::run"\n')
+    (cand / "k.py").write_text("def run(hidden_states, weight, output):\n    output.copy_(hidden_states)\n")
+    path = workspace.root / target
+    path.write_text(path.read_text() + "\n")
+    async with mcp_client(workspace, "writer") as w:
+        r = await w.call_tool("compile", {"path": "work/v1"})
+        assert r.is_error and f"{target} (modified)" in r.content[0].text
+        info = await w.call_tool("task_info", {})  # reading still works, and says why measuring won't
+        assert info.structured_content["lock_ok"] is False
+    async with mcp_client(workspace, "reviewer") as rv:
+        log = await rv.call_tool("audit_log", {"tool": "compile"})
+        entry = log.structured_content["entries"][-1]
+        assert entry["role"] == "writer" and entry["outcome"].startswith(f"lock mismatch: {target} modified")
+        v = await rv.call_tool("audit_verify", {})
+        assert v.structured_content["lock_problems"] == [f"{target}: modified"]
+        assert v.structured_content["chain_problems"] == []
