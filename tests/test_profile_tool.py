@@ -175,12 +175,19 @@ def test_default_workload_is_slowest_against_baseline(workspace):
 # --- the collection pipeline with a stand-in for ncu (CI has no GPU) ---------------------------------
 def _fake_ncu(monkeypatch, script: str):
     """Replace the ncu command line by a Python one-liner run in the same sandbox job: it gets the
-    report path ncu would write (`-o BASE`) as argv[1] and the fixtures folder as argv[2]."""
+    report path ncu would write (`-o BASE`) as argv[1] and a copy of the fixtures folder as argv[2]
+    (copied into the job dir: the sandbox shows nothing else of /tmp, where fixtures may live)."""
     import kda.tools.profile as prof
 
     monkeypatch.setattr(prof, "find_ncu", lambda: sys.executable)
     monkeypatch.setattr(prof, "ncu_version", lambda exe: "fake")
-    monkeypatch.setattr(prof, "ncu_argv", lambda exe, out_base, target: [exe, "-c", script, str(out_base), str(NCU), *target])
+
+    def argv(exe, out_base, target):
+        fixtures = Path(out_base).parent / "fixtures"
+        shutil.copytree(NCU, fixtures, ignore=shutil.ignore_patterns("*.cu", "*.py", "*.md"))
+        return [exe, "-c", script, str(out_base), str(fixtures), *target]
+
+    monkeypatch.setattr(prof, "ncu_argv", argv)
 
 
 def test_collect_stores_report_and_run(workspace, monkeypatch):
