@@ -29,9 +29,9 @@ def claude_config(ws: Workspace) -> list[tuple[Path, str]]:
     """
     cmd = _kda_command()
     mcp = {"mcpServers": {"kda-writer": {"type": "stdio", "command": cmd[0], "args": cmd[1:] + _serve_args(ws, "writer")}}}
-    deny = []
-    for pattern in ws.policy.paths.protected:
-        deny += [f"Edit(/{pattern})", f"Write(/{pattern})"]
+    # Edit(...) rules cover every file-writing tool of Claude Code (Write included); it warns on
+    # Write(...) path rules, which it does not read.
+    deny = [f"Edit(/{pattern})" for pattern in ws.policy.paths.protected]
     settings = {
         "permissions": {
             "allow": ["mcp__kda-writer__*", "Edit(/work/**)"],
