@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from kda.tools.errors import BadInput, LockMismatch, PathRefused, PolicyError
+from kda.tools.policy import shipped_policy_text
 from kda.tools.task import init_workspace, resolve_task
 from kda.tools.workspace import Workspace
 
@@ -123,38 +124,38 @@ def test_path_traversal_is_refused(workspace):
     assert workspace.resolve("work/v1/kernel.py", for_write=True).name == "kernel.py"
 
 
+def _edit_policy(ws, old: str, new: str) -> None:
+    """Rewrite one piece of the workspace policy from the shipped text (which must contain it)."""
+    text = shipped_policy_text()
+    assert old in text, f"{old!r} not in policy.toml"
+    (ws.root / "policy.toml").write_text(text.replace(old, new))
+
+
 def test_bad_policy_key_stops_startup(workspace):
-    p = workspace.root / "policy.toml"
-    p.write_text(p.read_text().replace("[acceptance]", "[acceptance]\nspeedup_fudge = 2.0"))
+    _edit_policy(workspace, "[acceptance]", "[acceptance]\nspeedup_fudge = 2.0")
     with pytest.raises(PolicyError, match=r"policy.toml.*acceptance\.speedup_fudge"):
         Workspace.open(workspace.root)
 
 
 def test_bad_policy_value_and_unknown_tool(workspace):
-    p = workspace.root / "policy.toml"
-    text = p.read_text()
-    p.write_text(text.replace("rtol = 1e-2", 'rtol = "loose"'))
+    _edit_policy(workspace, "rtol = 1e-2", 'rtol = "loose"')
     with pytest.raises(PolicyError, match="correctness.rtol"):
         Workspace.open(workspace.root)
-    p.write_text(text.replace('"task_info", "compile"', '"task_info", "rm_rf"'))
+    _edit_policy(workspace, '"task_info", "compile"', '"task_info", "rm_rf"')
     with pytest.raises(PolicyError, match="rm_rf"):
         Workspace.open(workspace.root)
 
 
 def test_policy_may_tighten_never_loosen(workspace):
-    p = workspace.root / "policy.toml"
-    text = p.read_text()
-    p.write_text(text.replace("atol = 1e-2", "atol = 1e-3"))
+    _edit_policy(workspace, "atol = 1e-2", "atol = 1e-3")
     assert Workspace.open(workspace.root).policy.correctness.atol == 1e-3
-    p.write_text(text.replace("atol = 1e-2", "atol = 0.5"))
+    _edit_policy(workspace, "atol = 1e-2", "atol = 0.5")
     with pytest.raises(PolicyError, match="loosens.*correctness.atol 0.5 > floor 0.01"):
         Workspace.open(workspace.root)
 
 
 def test_reviewer_cannot_be_given_writing_tools(workspace):
-    p = workspace.root / "policy.toml"
-    text = p.read_text()
-    p.write_text(text.replace('"audit_log", "audit_verify", "verify"', '"audit_log", "audit_verify", "verify", "benchmark"'))
+    _edit_policy(workspace, '"audit_log", "audit_verify", "verify"', '"audit_log", "audit_verify", "verify", "benchmark"')
     with pytest.raises(PolicyError, match="read_only but lists tools that write.*benchmark"):
         Workspace.open(workspace.root)
 
