@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
@@ -344,16 +345,22 @@ def _extra_includes(cand: Candidate) -> list[str]:
     return []
 
 
-def _collect_cuda(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path, build: dict[str, Any]
-                  ) -> tuple[list[Diagnostic], dict[str, KernelResources], dict[str, SassCensus], dict[str, str],
-                             dict[str, bytes], dict[str, str]]:
+@dataclass
+class _Collected:
+    """What a build left behind, gathered from its job dir."""
+
+    diags: list[Diagnostic] = field(default_factory=list)
+    resources: dict[str, KernelResources] = field(default_factory=dict)
+    census: dict[str, SassCensus] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # kernel -> source file
+    files: dict[str, bytes] = field(default_factory=dict)  # artifact name -> bytes (cubin, sass)
+    ptx: dict[str, str] = field(default_factory=dict)
+
+
+def _collect_cuda(ws: Workspace, cand: Candidate, job_dir: Path, build: dict[str, Any]) -> _Collected:
     sources_abs = {f"{cand.path}/{rel}": text for rel, text in cand.sources.items()}
-    diags: list[Diagnostic] = []
-    resources: dict[str, KernelResources] = {}
-    census: dict[str, SassCensus] = {}
-    origin: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    ptx: dict[str, str] = {}
+    got = _Collected()
+    diags, resources, census, origin, files, ptx = got.diags, got.resources, got.census, got.origin, got.files, got.ptx
     out = job_dir / "out"
     for step in build["steps"]:
         n, rel = step["n"], step["file"]
@@ -367,7 +374,7 @@ def _collect_cuda(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path,
         elif rc_text == "":
             step_diags.append(Diagnostic(file=f"{cand.path}/{rel}", severity="error",
                                          message=f"compile step did not finish ({build['job'].reason})"))
-        diags += step_diags
+        diags.extend(step_diags)
         if step["kind"] != "cu":
             continue
         for name, r in parse_ptxas_verbose(log).items():
@@ -383,7 +390,7 @@ def _collect_cuda(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path,
         if sass:
             files[f"{rel}.sass"] = sass.encode()
             census.update(census_sass(sass))
-    return diags, resources, census, origin, files, ptx
+    return got
 
 
 def _read_text(p: Path, cap: int = 64 << 20) -> str:
@@ -414,23 +421,17 @@ def _build_python(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path,
     return {"job": res, "seconds": time.perf_counter() - t0}
 
 
-def _collect_python(cand: Candidate, job_dir: Path, build: dict[str, Any]
-                    ) -> tuple[list[Diagnostic], dict[str, KernelResources], dict[str, SassCensus], dict[str, str],
-                               dict[str, bytes], dict[str, str], Optional[str]]:
+def _collect_python(cand: Candidate, job_dir: Path, build: dict[str, Any]) -> _Collected:
     res: JobResult = build["job"]
-    diags: list[Diagnostic] = []
-    resources: dict[str, KernelResources] = {}
-    census: dict[str, SassCensus] = {}
-    origin: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    ptx: dict[str, str] = {}
+    got = _Collected()
+    diags, resources, census, origin, files, ptx = got.diags, got.resources, got.census, got.origin, got.files, got.ptx
     try:
         result = json.loads((job_dir / "result.json").read_text())
     except (OSError, ValueError):
         tail = "\n".join(res.stderr_tail.strip().splitlines()[-8:])
         diags.append(Diagnostic(file=None, severity="error",
                                 message=f"the sandboxed worker ended without a result ({res.reason}): {tail}"))
-        return diags, resources, census, origin, files, ptx, None
+        return got
     for d in result.get("diagnostics", []):
         diags.append(Diagnostic(file=d.get("file"), line=d.get("line"), column=d.get("column"),
                                 severity=d.get("severity", "error"), message=d.get("message", "")))
@@ -450,7 +451,7 @@ def _collect_python(cand: Candidate, job_dir: Path, build: dict[str, Any]
             text = _read_text(job_dir / k["sass"])
             files[f"{k['kernel']}.sass"] = text.encode()
             census.update(census_sass(text))
-    return diags, resources, census, origin, files, ptx, result.get("triton_version")
+    return got
 
 
 # --- the tool ------------------------------------------------------------------------------------
@@ -539,10 +540,11 @@ def compile_candidate(ws: Workspace, path: str, arch: str | None = None, flags: 
         t0 = time.perf_counter()
         if language in ("cuda", "cpp"):
             build = _build_cuda(ws, cand, cand_dir, job_dir, arch_name, flags)
-            diags, resources, census, origin, files, ptx = _collect_cuda(ws, cand, cand_dir, job_dir, build)
+            got = _collect_cuda(ws, cand, job_dir, build)
         else:
             build = _build_python(ws, cand, cand_dir, job_dir, arch_name, language)
-            diags, resources, census, origin, files, ptx, _tv = _collect_python(cand, job_dir, build)
+            got = _collect_python(cand, job_dir, build)
+        diags, resources, census, origin, files, ptx = got.diags, got.resources, got.census, got.origin, got.files, got.ptx
         job: JobResult = build["job"]
         if not job.ok and not any(d.severity == "error" for d in diags):
             diags.append(Diagnostic(severity="error", message=f"sandboxed job failed: {job.reason}"))
