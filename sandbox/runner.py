@@ -270,8 +270,10 @@ def _env(job: Job) -> dict[str, str]:
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     # The interpreter's bin dir first, so `python` inside the job is the server's interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    # A job's own uid has no passwd entry; getpass.getuser() (which torch's compile caches call)
+    # reads these first instead of failing.
     env.update(HOME=str(Path(job.cwd).resolve()), TMPDIR="/tmp", PYTHONDONTWRITEBYTECODE="1",
-               PYTHONNOUSERSITE="1")
+               PYTHONNOUSERSITE="1", USER="kda-job", LOGNAME="kda-job")
     if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if not job.gpu:

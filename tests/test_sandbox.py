@@ -222,3 +222,14 @@ def test_posix_semaphores_work_in_the_sandbox(job_dir):
     r = run_job(py("import multiprocessing as m; l = m.Lock(); l.acquire(); l.release(); print('locked')", job_dir,
                    wall_timeout_s=30))
     assert r.ok and r.stdout_tail.strip() == "locked", r
+
+
+def test_the_job_user_has_a_name(job_dir):
+    """A job's own uid has no passwd entry; getpass.getuser() must still answer (torch's compile
+    caches name their directory after it, and a candidate that reaches torch._dynamo calls it)."""
+    r = run_job(py("import getpass, os; print(os.getuid(), getpass.getuser())", job_dir, wall_timeout_s=30))
+    assert r.ok, r.stderr_tail
+    uid, name = r.stdout_tail.split()
+    assert name == "kda-job"
+    if runner._drop_privileges() and isolation_available():
+        assert int(uid) >= runner.JOB_UID_BASE  # really an unnamed uid
