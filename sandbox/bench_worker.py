@@ -28,6 +28,7 @@ import time
 import traceback
 
 _perf = time.perf_counter
+_T_START = _perf()
 _thread_time = time.thread_time
 _os_write = os.write
 _os_times = os.times
@@ -43,6 +44,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from kda.sandbox import device_trace as DT  # noqa: E402
+from kda.sandbox import exchange  # noqa: E402
 from kda.sandbox import harness as H  # noqa: E402
 
 WATCHED = [
@@ -54,7 +57,10 @@ WATCHED = [
     ("torch.Tensor", "normal_"), ("torch.Tensor", "random_"), ("torch.Tensor", "sum"),
     ("torch.cuda", "synchronize"), ("torch.cuda", "Event"), ("torch.cuda.Event", "record"),
     ("torch.cuda.Event", "elapsed_time"), ("torch.cuda.Event", "synchronize"), ("torch.cuda", "set_stream"),
-    ("torch.cuda", "current_stream"),
+    ("torch", "arange"), ("torch", "stack"), ("torch", "cat"), ("torch.Tensor", "view"), ("torch.Tensor", "reshape"),
+    ("torch.Tensor", "tolist"), ("torch.Tensor", "detach"),
+    ("torch.cuda", "current_stream"), ("kda.sandbox.exchange", "save"), ("kda.sandbox.exchange", "load"),
+    *DT.GUARDED,
 ]
 
 
@@ -66,8 +72,9 @@ def _resolve(dotted: str, attr: str):
 
 
 _ORIGINALS = {f"{m}.{a}": _resolve(m, a) for m, a in WATCHED}
-_save = torch.save
-_load = torch.load
+_T_IMPORTED = _perf()
+_save = exchange.save
+_load = exchange.load
 _cuda_sync = torch.cuda.synchronize
 _Event = torch.cuda.Event
 _ev_record = torch.cuda.Event.record
@@ -217,6 +224,7 @@ class Slots:
         self.workload, self.inputs, self.outputs = workload, inputs, outputs
         self.seeds: list[int | None] = [None] * len(inputs)
         self.sums: list[list | None] = [None] * len(inputs)
+        self.call_us: list[float] = []  # host launch times of the timed calls, for the hold
 
 
 class Worker:
@@ -236,6 +244,8 @@ class Worker:
         self.py_threads_before: set[int] = set()
         self.overhead_us = 0.0
         self.holder = None
+        self.tracer = None
+        self._left_threads = 0
         self.timing_mode = "host clock" if device_spec == "cpu" else "events"
         self._warm()
 
@@ -243,6 +253,8 @@ class Worker:
     def _warm(self) -> None:
         # Create torch's thread pools and the CUDA context now, so threads that exist after the
         # candidate is imported are the candidate's.
+        t0 = _perf()
+        self.startup = {"imports_s": t0 - _T_START}
         a = torch.randn(256, 256)
         (a @ a).sum().item()
         if self.cuda:
@@ -251,10 +263,41 @@ class Worker:
             (x @ x).sum().item()
             self.stream = torch.cuda.current_stream(self.device)
             self.flusher = H.L2Flusher(self.device)
-            self.holder, self.timing_mode = self._make_holder()
+            t1 = _perf()
+            self.tracer, self.holder, self.timing_mode = self._make_timer()
+            t2 = _perf()
             self.overhead_us = self._calibrate()
+            self.startup.update(cuda_init_s=t1 - t0, timer_s=t2 - t1, calibrate_s=_perf() - t2)
 
-    def _make_holder(self):
+    def _make_timer(self):
+        """(tracer, holder, description): CUPTI device timestamps behind a spin-kernel hold when this
+        torch has CUPTI and a traced test frame reads back as one call per frame; else events behind
+        the all-SM Triton hold kernel; else bare events."""
+        why = "no CUPTI in this torch build"
+        if DT.Tracer.available():
+            try:
+                hold, tr = DT.SpinHold(self.device), DT.Tracer()
+                t = torch.zeros(1, device=self.device)
+                tr.start()
+                try:
+                    for _ in range(2):
+                        hold(20.0)
+                        t.add_(1)
+                        _cuda_sync()
+                        hold.mark()
+                    acts = tr.stop()
+                finally:
+                    tr.abandon()
+                spans = tr.spans_us(acts, 2)
+                if not all(n == 1 for _, n, _ in spans):
+                    raise DT.TraceError(f"a traced test frame read back as {spans}")
+                return tr, hold, "CUPTI device timestamps behind a spin-kernel hold (events as a cross-check)"
+            except Exception as e:  # CUPTI present but unusable here: the events time the calls
+                why = f"device trace unavailable: {type(e).__name__}: {str(e)[:200]}"
+        holder, mode = self._triton_holder()
+        return None, holder, f"{mode}; {why}"
+
+    def _triton_holder(self):
         """The all-SM hold kernel, if it compiles and holds as long as asked; else time without it."""
         try:
             from kda.sandbox.hold_kernel import Holder
@@ -278,8 +321,12 @@ class Worker:
         """Long enough for the host to launch the call behind the hold (from the calls so far)."""
         if not self.holder:
             return 0.0
+        # A high percentile of recent launches, not the median: a hold shorter than the launch lets
+        # the device start the call while the host still queues it, which puts launch gaps into the
+        # timing and hides work the call leaves on another stream. (Not the maximum: one slow call
+        # would stretch the next sixteen holds.)
         recent = sorted(call_us[-16:]) or [30.0]
-        return min(5000.0, max(20.0, 1.5 * recent[len(recent) // 2] + 10.0))
+        return min(5000.0, max(20.0, 1.5 * recent[(3 * len(recent)) // 4] + 10.0))
 
     def _calibrate(self) -> float:
         """Median of host-minus-event time (less the hold) for a trivial op: the fixed cost of the
@@ -312,9 +359,9 @@ class Worker:
     def env(self) -> dict:
         info = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(self.device),
                 "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0], "pid": os.getpid()}
-        try:
-            import triton
-            info["triton"] = triton.__version__
+        try:  # the installed version, without importing Triton into a worker that may not need it
+            from importlib.metadata import version
+            info["triton"] = version("triton")
         except Exception as e:  # triton is optional for python candidates
             info["triton"] = f"unavailable ({type(e).__name__})"
         if self.cuda:
@@ -323,6 +370,7 @@ class Worker:
                         total_memory=p.total_memory, capability=f"{p.major}.{p.minor}",
                         gpu_uuid=str(getattr(p, "uuid", "")), timing_overhead_us=round(self.overhead_us, 3),
                         timing_mode=self.timing_mode)
+        info["startup_s"] = {k: round(v, 3) for k, v in self.startup.items()}
         return info
 
     def load(self, p: dict) -> dict:
@@ -376,8 +424,10 @@ class Worker:
 
     def release(self, p: dict) -> dict:
         self.slots.pop(p["key"], None)
-        gc.collect()
-        if self.cuda:
+        # The caching allocator keeps freed blocks for the next workload; it hands them back only
+        # when they hold more than a quarter of the device (a full collection costs 20-50 ms).
+        if self.cuda and torch.cuda.memory_reserved(self.device) > torch.cuda.get_device_properties(self.device).total_memory // 4:
+            gc.collect()
             torch.cuda.empty_cache()
         return {}
 
@@ -415,9 +465,11 @@ class Worker:
                 ALERTS.add("TIMING_TAMPERED", "threads",
                            f"trial {i}: the call left {new_threads} new thread(s) running after it returned "
                            "(work finished after the call, outside any timer?)")
+            # Outputs are copied now (a later trial's call may reuse the buffers this one returned);
+            # inputs travel as digests the checker compares with the pristine inputs it regenerates.
             records.append({
                 "outputs": [o.detach().to("cpu") if isinstance(o, torch.Tensor) else o for o in result],
-                "inputs": [x.detach().to("cpu") if isinstance(x, torch.Tensor) else x for x in inputs],
+                "inputs": [_json_dumps(H.input_digest(x)) for x in inputs],
             })
         _save(records, p["file"])
         self._check_integrity("the correctness trials")
@@ -427,7 +479,7 @@ class Worker:
         """Trusted: compare a file of candidate results against the reference for the same seeds."""
         wl = p["workload"]
         try:
-            recs = _load(p["file"], map_location="cpu", weights_only=True)
+            recs = _load(p["file"])
         except Exception as e:
             return {"status": "RUNTIME_ERROR", "check": "results_file",
                     "evidence": f"the candidate's results file could not be read: {type(e).__name__}: {str(e)[:300]}"}
@@ -447,7 +499,11 @@ class Worker:
             if p.get("inputs", True):
                 got_inputs = rec.get("inputs", [])
                 for name, got, want in zip(in_names, got_inputs, pristine):
-                    bad = H.compare_input(name, got, want)
+                    try:
+                        got = _json_loads(got)
+                    except (TypeError, ValueError):
+                        got = None
+                    bad = H.compare_input_digest(name, got, want)
                     if bad:
                         return {"status": "INPUT_MUTATED", "check": "input_mutation", "trial": i,
                                 "evidence": f"{label}: {bad['evidence']}"}
@@ -471,7 +527,9 @@ class Worker:
     def time_block(self, p: dict) -> dict:
         """Time one block: after warm-up, iterate until `target_s` of timed work and `min_iters`
         (at most `max_iters`; `max_s` caps a very slow callable). Each iteration redraws a slot's
-        random inputs from a fresh seed, flushes L2, synchronizes the device, then times."""
+        random inputs from a fresh seed, flushes L2, synchronizes the device, then times: the
+        call's device span from the CUPTI trace when there is a tracer (see device_trace), its
+        event time always (the cross-check, or the timer when there is no tracer)."""
         sl = self.slots[p["key"]]
         wl = sl.workload
         k = len(sl.inputs)
@@ -480,10 +538,56 @@ class Worker:
         target_s, max_s = float(p.get("target_s", 0.0)), float(p.get("max_s", 30.0))
         flush = bool(p.get("flush", True)) and self.flusher is not None
         lat, host, warm = [], [], []
-        call_us: list[float] = []
-        left_threads = 0
+        # Launch times persist across a workload's blocks, so a block's first hold is already right.
+        call_us = sl.call_us
         tids_block0 = H.os_thread_ids()
         start_block = _perf()
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.start()
+        try:
+            j = self._time_loop(p, sl, wl, k, n_warm, min_iters, max_iters, target_s, max_s, flush,
+                                lat, host, warm, call_us, start_block, tracer)
+        except BaseException:
+            if tracer is not None:
+                tracer.abandon()
+            raise
+        ev = list(lat)
+        trace_info, trace_s = None, 0.0
+        if tracer is not None:
+            t0 = _perf()
+            try:
+                spans = tracer.spans_us(tracer.stop(), j)
+                lat = [sp for sp, _, _ in spans[n_warm:]]
+                trace_info = {"max_streams": max((ns for _, _, ns in spans), default=0),
+                              "empty_calls": sum(1 for _, n, _ in spans[n_warm:] if n == 0)}
+            except DT.TraceError as e:
+                tracer.abandon()
+                if self.role != "candidate":
+                    raise
+                ALERTS.add("TIMING_TAMPERED", "device_trace", f"{e}: the device trace was tampered with")
+            trace_s = _perf() - t0
+        self.sync()
+        left_threads = self._left_threads
+        if left_threads and self.role == "candidate":
+            ALERTS.add("TIMING_TAMPERED", "threads",
+                       f"a timed call left {left_threads} new thread(s) running after it returned "
+                       "(work finished after the timer stopped?)")
+        grown = H.new_threads(tids_block0)
+        if grown and self.role == "candidate":
+            ALERTS.add("TIMING_TAMPERED", "threads",
+                       f"the process had {len(tids_block0)} threads before the timed block and "
+                       f"{len(tids_block0) + len(grown)} after it")
+        if self.role == "candidate":
+            self._check_integrity("the timed block")
+        return {"lat_us": lat, "ev_us": ev, "host_us": host, "warmup": warm, "slot_seeds": sl.seeds,
+                "overhead_us": self.overhead_us, "block_s": _perf() - start_block, "trace_s": trace_s,
+                "trace": trace_info, "threads": len(H.os_thread_ids())}
+
+    def _time_loop(self, p, sl, wl, k, n_warm, min_iters, max_iters, target_s, max_s, flush, lat, host, warm,
+                   call_us, start_block, tracer) -> int:
+        """The iterations of one block; appends to lat/host/warm and returns how many ran."""
+        self._left_threads = 0
         timed_start = None
         j = 0
         while True:
@@ -518,10 +622,13 @@ class Worker:
                 call_us.append((_perf() - c_start) * 1e6)
                 _ev_record(e_ev, self.stream)
                 _cuda_sync()
+                h_end = _perf()
+                if tracer is not None:
+                    self.holder.mark()  # after the sync: every stream's work of this call is done
                 # Host time of the frame less the hold as the device ran it (not as asked: the
                 # hold kernel may overrun), so what is left beyond the events is off-stream work.
                 held_us = _ev_elapsed(h_ev, s_ev) * 1e3 if hold else 0.0
-                h1 = _perf() - held_us * 1e-6
+                h1 = h_end - held_us * 1e-6
                 ev_us = _ev_elapsed(s_ev, e_ev) * 1e3
             else:
                 h0 = _perf()
@@ -535,7 +642,7 @@ class Worker:
                 sl.outputs[slot] = res
             sl.seeds[slot] = seed
             if new:
-                left_threads = max(left_threads, len(new))
+                self._left_threads = max(self._left_threads, len(new))
             if j < n_warm:
                 ch1 = _os_times()
                 cpu = (_thread_time() - c0) + (ch1.children_user + ch1.children_system
@@ -545,21 +652,7 @@ class Worker:
                 lat.append(ev_us)
                 host.append((h1 - h0) * 1e6)
             j += 1
-        self.sync()
-        if left_threads and self.role == "candidate":
-            ALERTS.add("TIMING_TAMPERED", "threads",
-                       f"a timed call left {left_threads} new thread(s) running after it returned "
-                       "(work finished after the timer stopped?)")
-        grown = H.new_threads(tids_block0)
-        if grown and self.role == "candidate":
-            ALERTS.add("TIMING_TAMPERED", "threads",
-                       f"the process had {len(tids_block0)} threads before the timed block and "
-                       f"{len(tids_block0) + len(grown)} after it")
-        if self.role == "candidate":
-            self._check_integrity("the timed block")
-        return {"lat_us": lat, "host_us": host, "warmup": warm, "slot_seeds": sl.seeds,
-                "overhead_us": self.overhead_us, "block_s": _perf() - start_block,
-                "threads": len(H.os_thread_ids())}
+        return j
 
     def save_slot(self, p: dict) -> dict:
         sl = self.slots[p["key"]]
@@ -571,7 +664,7 @@ class Worker:
         self.sync()
         now = _checksum(outs)
         changed = [i for i, (a, b) in enumerate(zip(now, sl.sums[s] or [])) if not torch.equal(a, b)]
-        _save([{"outputs": [o.detach().to("cpu") for o in outs]}], p["file"])
+        _save([{"outputs": list(outs)}], p["file"])
         if changed and self.role == "candidate":
             ALERTS.add("TIMING_TAMPERED", "late_writes",
                        f"output(s) {changed} of a timed iteration changed after the call returned and the device "

@@ -152,7 +152,8 @@ async def benchmark(call: CallContext, args: BenchmarkInput) -> Reply[BenchmarkO
     """Measure a candidate against the locked baseline: correctness (>= 3 trials on fresh seeded inputs,
     poisoned outputs, NaN/Inf, shape, dtype, atol/rtol + matched ratio, input mutation) and timing
     (baseline and candidate in separate sandboxed processes taking turns B C C B on the same device,
-    L2 flushed, inputs rotated, device synchronized, timed outputs re-checked). Reports per workload the
+    L2 flushed, inputs rotated, device synchronized, each call's device time on every stream from CUPTI
+    timestamps, timed outputs re-checked). Reports per workload the
     median latency with a bootstrap 95% interval, the speedup with its interval, and the arithmetic and
     geometric mean speedups. Statuses: flashinfer-bench's plus INPUT_MUTATED, TIMING_TAMPERED,
     BELOW_PHYSICAL_FLOOR, SANDBOX_VIOLATION. Returns within wait_s or gives a job id for job_status."""

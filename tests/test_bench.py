@@ -110,9 +110,28 @@ def test_poisoned_outputs_and_comparison_semantics():
     inf[0] = float("inf")
     assert "Inf" in H.compare_output("y", inf, big, 1e-2, 1e-2, 1.0)["evidence"]
     changed = big.clone()
-    changed[1] = -0.0 if False else 999.0
-    assert H.compare_input("x", changed, big)["changed"] == 1
-    assert H.compare_input("x", big.clone(), big) is None
+    changed[1] = 999.0
+    assert "changed by the call" in H.compare_input_digest("x", H.input_digest(changed), big)["evidence"]
+    assert H.compare_input_digest("x", H.input_digest(big.clone()), big) is None
+    assert "replaced" in H.compare_input_digest("x", H.input_digest(big[:2]), big)["evidence"]
+    assert H.compare_input_digest("n", H.input_digest(3), 3) is None
+
+
+def test_input_digest_sees_any_change_and_moves_between_rows():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4096 + 7, generator=g).to(torch.bfloat16)
+    base = H.input_digest(x)
+    assert H.input_digest(x.clone()) == base
+    for i in range(0, x.numel(), 997):  # every single-element change shows
+        y = x.clone().view(-1)
+        y[i] = y[i] + 1
+        assert H.input_digest(y.view_as(x)) != base, i
+    swapped = x.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same bytes, other rows
+    assert H.input_digest(swapped) != base
+    assert H.input_digest(torch.zeros_like(x)) != base
+    odd = torch.arange(7, dtype=torch.uint8)  # a byte count that is not a multiple of 4
+    assert H.input_digest(odd) != H.input_digest(odd.flip(0))
 
 
 def test_workload_selection(workspace):
@@ -132,7 +151,8 @@ def test_physical_floor_bytes():
     d = _definition()
     assert floor.min_bytes(d, {"axes": {"batch_size": 1}}) == 3 * 4096 * 2
     assert floor.min_bytes(d, {"axes": {"batch_size": 8192}}) == 2 * 8192 * 4096 * 2 + 4096 * 2
-    assert floor.floor_us(24576, 1e12, "cuda") == pytest.approx(0.024576)
+    # A kernel may beat the measured copy bandwidth by up to COPY_TO_PEAK (it cannot beat the memory).
+    assert floor.floor_us(24576, 1e12, "cuda") == pytest.approx(0.024576 / floor.COPY_TO_PEAK)
     assert floor.floor_us(24576, 1e10, "cpu") is None  # fits in cache: no floor on a CPU
 
 
@@ -325,9 +345,11 @@ async def test_speedup_is_against_the_locked_baseline_solution(tmp_path):
         "spec": {"language": "python", "target_hardware": ["cpu"], "entry_point": "main.py::run",
                  "destination_passing_style": True},
         "sources": [{"path": "main.py", "content": (
-            "import time\nimport torch\n\n\ndef run(hidden_states, weight, output):\n    time.sleep(0.003)\n"
-            "    x = hidden_states.float()\n    s = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-5)\n"
-            "    output.copy_((x * s * weight.float()).to(hidden_states.dtype))\n")}],
+            # The same arithmetic 40 times over: slow on any device (a sleep would be host time,
+            # which a GPU timer rightly does not count).
+            "import torch\n\n\ndef run(hidden_states, weight, output):\n    for _ in range(40):\n"
+            "        x = hidden_states.float()\n        s = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + 1e-5)\n"
+            "        output.copy_((x * s * weight.float()).to(hidden_states.dtype))\n")}],
     }
     (tmp_path / "baseline.json").write_text(json.dumps(slow))
     ws = init_workspace(tmp_path / "ws", resolve_task("rmsnorm_h4096", None, None, None, str(tmp_path / "baseline.json")))
@@ -336,7 +358,7 @@ async def test_speedup_is_against_the_locked_baseline_solution(tmp_path):
         out = await _bench(client, path=path, workloads=[BATCH1])
         w = out["workloads"][0]
         assert out["baseline"] == "slow_baseline" and out["status"] == "PASSED", w
-        assert w["baseline_us"] > 3000 and w["speedup_ci"][0] > 5, w
+        assert w["baseline_us"] > 10 * w["candidate_us"] and w["speedup_ci"][0] > 5, w
 
 
 @pytest.mark.anyio
@@ -387,11 +409,33 @@ def _analyzer(workspace, device: str):
     return run
 
 
-def _state(wl, base, cand, clean=None, host=None, overhead=0.0, warmup=()):
+def _state(wl, base, cand, clean=None, host=None, overhead=0.0, warmup=(), events=None):
     st = bench.WorkloadState(wl)
     st.base, st.cand, st.clean = list(base), list(cand), list(clean or base)
     st.cand_host, st.overhead_us, st.cand_warmup = list(host or []), overhead, list(warmup)
+    st.cand_ev = list(events or [])  # given: the samples are device-trace spans, these the events
     return st
+
+
+def test_rules_with_device_timestamps(workspace):
+    """Traced runs: the span covers every stream, the events only the timed one."""
+    small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)
+    gpu = _analyzer(workspace, "cuda")
+    bw = {"bytes_per_s": 3.0e12}
+    # Honest: the events read about a microsecond above the span (the event frame).
+    r = gpu._analyze(_state(small, [10.0] * 50, [2.2] * 50, events=[3.5] * 50, host=[900.0] * 50), bw)
+    assert r["status"] == "PASSED" and r["beyond_timed_stream_us"] == pytest.approx(-1.3)
+    # Work left running on another stream: in the span (so in the latency), after the end event.
+    r = gpu._analyze(_state(small, [10.0] * 50, [250.0] * 50, events=[3.0] * 50), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "side_stream"
+    assert r["candidate_us"] == pytest.approx(250.0) and "another stream" in r["evidence"]
+    # Device time the events saw and the trace did not: the trace was interfered with.
+    r = gpu._analyze(_state(small, [10.0] * 50, [1.0] * 50, events=[40.0] * 50), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "device_trace"
+    # A call that ran nothing on the device is noted.
+    st = _state(small, [10.0] * 50, [2.0] * 50, events=[3.0] * 50)
+    st.empty_calls = 3
+    assert any("no device work" in n for n in gpu._analyze(st, bw)["notes"])
 
 
 def test_rules_floor_interference_side_stream_and_sleep(workspace):
@@ -399,10 +443,10 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)
     gpu = _analyzer(workspace, "cuda")
     bw = {"bytes_per_s": 3.0e12}
-    nbytes = floor.min_bytes(workspace.definition(), big)  # ~134 MB: at least 44.7 us at 3 TB/s
+    nbytes = floor.min_bytes(workspace.definition(), big)  # ~134 MB: at least 37.3 us at 1.2 x 3 TB/s
     fast = [20.0 + 0.01 * i for i in range(100)]
     r = gpu._analyze(_state(big, [60.0] * 100, fast), bw)
-    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and r["floor_us"] == pytest.approx(nbytes / 3e6)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and r["floor_us"] == pytest.approx(nbytes / 3.6e6)
     assert "physical floor" in r["evidence"] and "speedup" not in r
     honest = [50.0 + 0.01 * i for i in range(100)]
     assert gpu._analyze(_state(big, [60.0] * 100, honest), bw)["status"] == "PASSED"

@@ -7,12 +7,15 @@ Two sandboxed worker processes per run (`kda.sandbox.bench_worker`):
 
 Per run: both workers start; the baseline is timed alone ("clean") on every selected workload
 before the candidate is imported; then per workload: correctness trials on inputs drawn from
-seeds mixed with a per-run secret (outputs poisoned, results and post-call inputs written to a
-file the trusted worker compares), then timing in blocks that alternate baseline and candidate
-(B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2 flushed,
-device synchronized; after every candidate block the outputs of one timed iteration (picked at
-random after the block) are checked. Medians with bootstrap intervals, speedups against the
-locked baseline, the physical floor, the interference check, the lock re-checked at the end.
+seeds mixed with a per-run secret (outputs poisoned; the outputs and digests of the post-call
+inputs go to a file the trusted worker checks), then timing in blocks that alternate baseline and
+candidate (B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2
+flushed, device synchronized, the call timed by CUPTI device timestamps where torch has them (CUDA
+events otherwise, and always as a cross-check); the outputs of one timed iteration are checked
+after every candidate block in full mode, after one block drawn from the run's secret in quick
+mode. Medians with bootstrap intervals, speedups against the locked baseline, the physical floor,
+the interference check, the lock re-checked at the end. `phases_s` in the record says where the
+run's wall time went.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import sys
 import threading
 import time
 import queue
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import floor as floor_mod
 from .candidate import Candidate, load_candidate
@@ -63,7 +67,7 @@ class Settings:
 def settings_for(mode: str, device: str, min_trials: int) -> Settings:
     gpu = device != "cpu"
     if mode == "quick":
-        return (Settings(min_trials, 10, 0.04, 20, 5000, 1) if gpu else Settings(min_trials, 2, 0.03, 5, 60, 1))
+        return (Settings(min_trials, 10, 0.015, 20, 5000, 1) if gpu else Settings(min_trials, 2, 0.03, 5, 60, 1))
     return (Settings(max(min_trials, 5), 25, 0.15, 50, 20000, 2) if gpu
             else Settings(max(min_trials, 5), 3, 0.12, 10, 400, 2))
 
@@ -340,6 +344,9 @@ class WorkloadState:
     cand_host: list[float] = field(default_factory=list)
     base_host: list[float] = field(default_factory=list)
     base_overhead_us: float = 0.0
+    cand_ev: list[float] = field(default_factory=list)
+    cand_traced: bool = True
+    empty_calls: int = 0
     cand_warmup: list[dict] = field(default_factory=list)
     overhead_us: float = 0.0
     timed_checks: int = 0
@@ -371,6 +378,16 @@ class BenchRun:
         self.restarts = 0
         self.n_exchange = 0
         self.started = time.time()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the wall time of the block to `phases_s` in the run record (where a run's time goes)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
     # -- seeds
     def seed(self, *parts: Any) -> int:
@@ -472,35 +489,40 @@ class BenchRun:
         env_start = gpu_snapshot(lease)
         total = len(self.states)
         self.progress(0, total, f"starting workers on {lease.label}")
-        self.trusted = self._start("trusted", lease)
-        self.cand = self._start("candidate", lease)
-        t_env = self.trusted.ready(180)
-        c_env = self.cand.ready(180)
+        with self.phase("workers_start"):
+            self.trusted = self._start("trusted", lease)
+            self.cand = self._start("candidate", lease)
+            t_env = self.trusted.ready(180)
+            c_env = self.cand.ready(180)
         self.isolation = self.trusted.isolation
         base_desc: dict[str, Any] = {"kind": "reference"}
         if self.baseline is not None:
             bs = self.baseline["spec"]
             base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"),
                          "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
-        self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
-                             baseline=base_desc, safetensors_root=str(self.ws.task_dir))
+        with self.phase("baseline_load"):
+            self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
+                                 baseline=base_desc, safetensors_root=str(self.ws.task_dir))
         device_key = self._device_key(lease, t_env)
         measure = lambda: {k: v for k, v in self.trusted.request("bandwidth", 120).items()  # noqa: E731
                            if k in ("bytes_per_s", "method")}
-        bw = floor_mod.cached_bandwidth(self.ws.store, device_key, measure, keep=self.store_bandwidth)
+        with self.phase("bandwidth"):
+            bw = floor_mod.cached_bandwidth(self.ws.store, device_key, measure, keep=self.store_bandwidth)
         # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
         for i, st in enumerate(self.states):
             self.cancel.check()
             key = st.wl["uuid"]
-            self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=SLOTS)
-            r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup, min_iters=s.min_iters,
-                                     max_iters=s.max_iters, target_s=s.target_s, max_s=max(10 * s.target_s, 5.0),
-                                     seed=self.seed(key, "clean"))
-            st.clean = r["lat_us"]
-            self.trusted.request("release", 60, key=key)
+            with self.phase("baseline_alone"):
+                self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=SLOTS)
+                r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup, min_iters=s.min_iters,
+                                         max_iters=s.max_iters, target_s=s.target_s, max_s=max(10 * s.target_s, 5.0),
+                                         seed=self.seed(key, "clean"))
+                st.clean = r["lat_us"]
+                self.trusted.request("release", 60, key=key)
         self.progress(0, total, f"baseline timed alone on {total} workload(s); loading the candidate")
         # Phase 2: the candidate.
-        compile_error = self._try_load()
+        with self.phase("candidate_load"):
+            compile_error = self._try_load()
         for i, st in enumerate(self.states):
             self.cancel.check()
             if compile_error:
@@ -581,13 +603,15 @@ class BenchRun:
             seeds = [self.seed(key, "trial", t) for t in range(s.trials)]
             x = self._exchange()
             io_s = 2.0 * s.trials * (1 + floor_mod.min_bytes(self.definition, st.wl) / 50e6)
-            rep = cand.request("trial", self.call_timeout + 5 + io_s, workload=st.wl, seeds=seeds,
-                               file=str(x), census=self.req.candidate.spec.language != "python")
+            with self.phase("trials"):
+                rep = cand.request("trial", self.call_timeout + 5 + io_s, workload=st.wl, seeds=seeds,
+                                   file=str(x), census=self.req.candidate.spec.language != "python")
             if rep.get("census"):
                 st.notes.append("the call ran torch compute ops (a torch fallback?): "
                                 + ", ".join(f"aten.{k} x{v}" for k, v in sorted(rep["census"].items())))
-            chk = self.trusted.request("check", 300, workload=st.wl, seeds=seeds, file=str(x), atol=pol.atol,
-                                       rtol=pol.rtol, ratio=pol.required_matched_ratio, label="trial")
+            with self.phase("checks"):
+                chk = self.trusted.request("check", 300, workload=st.wl, seeds=seeds, file=str(x), atol=pol.atol,
+                                           rtol=pol.rtol, ratio=pol.required_matched_ratio, label="trial")
             x.unlink(missing_ok=True)
             st.correctness = {k: chk.get(k) for k in ("max_abs", "max_rel", "matched_ratio")}
             st.correctness["trials"] = len(seeds)
@@ -597,9 +621,14 @@ class BenchRun:
             if st.status != "PASSED":
                 return
             # Timing: baseline and candidate take turns.
-            cand.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
-            self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
+            with self.phase("prepare"):
+                cand.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
+                self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
             order = ["B", "C", "C", "B"] * s.rounds
+            # Which candidate blocks get a timed output checked: all in full mode; in quick mode one,
+            # drawn from the run's secret, which the candidate never sees.
+            c_blocks = [i for i, w in enumerate(order) if w == "C"]
+            checked = set(c_blocks) if self.req.mode == "full" else {self.rng.choice(c_blocks)}
             seen: set[str] = set()
             for bi, who in enumerate(order):
                 self.cancel.check()
@@ -610,30 +639,41 @@ class BenchRun:
                 if who == "B":
                     cand.request("sync", 60)
                     self._collect(st)
-                    r = self.trusted.request("time", self._time_timeout(), **params)
+                    with self.phase("timing"):
+                        r = self.trusted.request("time", self._time_timeout(), **params)
                     st.base += r["lat_us"]
                     st.base_host += r.get("host_us", [])
                     st.base_overhead_us = r.get("overhead_us", 0.0)
                 else:
-                    r = cand.request("time", self._time_timeout(), **params)
+                    with self.phase("timing"):
+                        r = cand.request("time", self._time_timeout(), **params)
+                    self.phases["trace_parse"] = self.phases.get("trace_parse", 0.0) + r.get("trace_s", 0.0)
                     st.cand += r["lat_us"]
                     st.cand_host += r["host_us"]
+                    st.cand_ev += r.get("ev_us", r["lat_us"])
+                    st.cand_traced = st.cand_traced and r.get("trace") is not None
+                    st.empty_calls += (r.get("trace") or {}).get("empty_calls", 0)
                     st.cand_warmup += r["warmup"]
                     st.overhead_us = r.get("overhead_us", 0.0)
+                    if bi not in checked:
+                        self._collect(st)
+                        continue
                     slot = self.rng.randrange(SLOTS)
                     x = self._exchange()
-                    saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
-                    chk = self.trusted.request("check", 300, workload=st.wl, seeds=[saved["seed"]], file=str(x),
-                                               atol=pol.atol, rtol=pol.rtol, ratio=pol.required_matched_ratio,
-                                               inputs=False, label=f"timed iteration of block {bi}")
+                    with self.phase("checks"):
+                        saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
+                        chk = self.trusted.request("check", 300, workload=st.wl, seeds=[saved["seed"]], file=str(x),
+                                                   atol=pol.atol, rtol=pol.rtol, ratio=pol.required_matched_ratio,
+                                                   inputs=False, label=f"timed iteration of block {bi}")
                     x.unlink(missing_ok=True)
                     st.timed_checks += 1
                     self._collect(st)
                     if chk["status"] != "PASSED":
                         st.fail(chk["status"], "timed_outputs", chk.get("evidence", ""))
                         return
-            cand.request("release", 60, key=key)
-            self.trusted.request("release", 60, key=key)
+            with self.phase("prepare"):
+                cand.request("release", 60, key=key)
+                self.trusted.request("release", 60, key=key)
             self._collect(st)
         except WorkerFailure as e:
             self.cancel.check()
@@ -671,7 +711,9 @@ class BenchRun:
                     st.fail("TIMING_TAMPERED", "interference",
                             f"the baseline ran {b.value / cl.value:.2f}x slower beside the candidate ({b.value:.2f} us) "
                             f"than alone before it was loaded ({cl.value:.2f} us): interference, not a speedup")
-            if self.device != "cpu" and st.cand_host:
+            if self.device != "cpu" and st.cand_traced and st.cand_ev:
+                self._stream_checks(st, out)
+            elif self.device != "cpu" and st.cand_host:
                 # Host time of the timing frame beyond the events, less the frame's fixed cost. An
                 # honest call still shows a few microseconds (launch and sync latency); the baseline,
                 # timed the same way on the timed stream by construction, says how many. What the
@@ -714,6 +756,34 @@ class BenchRun:
             reps = None
         out["_reps"] = reps
         return out
+
+    def _stream_checks(self, st: WorkloadState, out: dict[str, Any]) -> None:
+        """With device timestamps, per call: the span covers work on every stream, the events only
+        the timed stream. A span that outlasts the events by more than the policy allows is work the
+        call left running on another stream (counted in the latency, and flagged); events that
+        outlast the span are device work the trace did not record."""
+        bm = self.pol.benchmark
+        n = len(st.cand)
+
+        def low(xs: list[float]) -> float:  # a low percentile: what recurs in every call
+            return sorted(xs)[len(xs) // 5]
+
+        beyond = low([c - e for c, e in zip(st.cand, st.cand_ev)])
+        unseen = low([e - c for c, e in zip(st.cand, st.cand_ev)])
+        ev_med = sorted(st.cand_ev)[n // 2]
+        span_med = sorted(st.cand)[n // 2]
+        out.update(beyond_timed_stream_us=beyond, event_median_us=ev_med)
+        if beyond > max(bm.unaccounted_us, bm.unaccounted_ratio * ev_med):
+            st.fail("TIMING_TAMPERED", "side_stream",
+                    f"each call kept the device busy {beyond:.1f} us after the timed stream's end event (event "
+                    f"time {ev_med:.2f} us, device span {span_med:.2f} us): work was left on another stream "
+                    "the call did not join back")
+        elif unseen > max(bm.unaccounted_us, bm.unaccounted_ratio * span_med):
+            st.fail("TIMING_TAMPERED", "device_trace",
+                    f"the events saw {unseen:.1f} us per call that the device trace did not record (span "
+                    f"{span_med:.2f} us, events {ev_med:.2f} us): the trace was tampered with")
+        if st.empty_calls:
+            st.notes.append(f"{st.empty_calls} timed call(s) ran no device work at all")
 
     def _finish(self, lease: Lease, t_env: dict, c_env: dict, env_start: dict, env_end: dict,
                 bw: dict[str, Any]) -> dict[str, Any]:
@@ -766,6 +836,7 @@ class BenchRun:
                      "candidate": self.cand.log_tail() if self.cand else "",
                      "notes": self.notes[-10:]},
             "wall_s": time.time() - self.started,
+            "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
         }
 
     def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:

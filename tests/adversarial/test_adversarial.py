@@ -101,7 +101,8 @@ async def test_torch_fallback_and_reference_call_are_flagged(workspace):
         out = await _bench(client, path, [BATCH1])
         flags = " | ".join(out["flags"])
         # It computes the right answer, so correctness passes; what it did is flagged.
-        assert out["status"] == "PASSED", out["workloads"][0]
+        w = out["workloads"][0]
+        assert out["status"] == "PASSED", f"{w['status']} {w['check']}: {w['evidence']} | notes: {w['notes']}"
         assert "torch compute ops" in flags, flags
         assert "definition.json" in flags, flags  # it read the task's reference code
         assert "torch-fallback" in flags or "dynamic-code" in flags, flags

@@ -1,0 +1,138 @@
+"""Device-side time of each timed call, from CUPTI activity records (through torch's Kineto profiler).
+
+CUDA events time what runs between them on one stream, plus the event frame itself: about a
+microsecond, which is a third of a 3 us kernel. CUPTI's records carry the GPU's own start and end
+timestamps for every kernel, copy and memset the process runs, on every stream, which is what
+Nsight Compute's `gpu__time_duration` and Nsight Systems report. The bench worker brackets each
+timed call with two of torch's spin kernels (`torch.cuda._sleep`): a hold just before it, long
+enough for the host to queue the whole call behind it, and a one-cycle marker launched after the
+device has been synchronized. The call's device time is the span from the first activity that
+starts after the hold begins to the last end among activities that start before the marker: work
+on side streams is inside the span, never outside it.
+
+Imported only by the GPU bench worker; `Tracer.available()` says whether this torch build has
+CUPTI (CPU builds do not), and the worker falls back to events when it does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler import profile as _Profile
+
+# Captured before any candidate code runs; the worker checks they are still the originals.
+_enter, _exit = _Profile.__enter__, _Profile.__exit__
+_spin = getattr(torch.cuda, "_sleep", None)
+
+GUARDED = [
+    ("torch.autograd.profiler", "_enable_profiler"), ("torch.autograd.profiler", "_disable_profiler"),
+    ("torch.autograd.profiler", "_prepare_profiler"), ("torch.autograd.profiler.profile", "__enter__"),
+    ("torch.autograd.profiler.profile", "__exit__"), ("torch.cuda", "_sleep"),
+]
+SPIN = "spin_kernel"  # torch's kernel behind torch.cuda._sleep
+DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+class TraceError(RuntimeError):
+    """The trace does not hold one hold and one marker per iteration: someone else toggled it."""
+
+
+class SpinHold:
+    """The hold and the marker: torch's spin kernel for a number of SM clock cycles."""
+
+    def __init__(self, device: torch.device):
+        if _spin is None:
+            raise TraceError("this torch has no torch.cuda._sleep")
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _spin(1000)
+        s.record()
+        _spin(2_000_000)
+        e.record()
+        e.synchronize()
+        self.cycles_per_us = 2_000_000 / max(1.0, s.elapsed_time(e) * 1e3)
+
+    def __call__(self, us: float) -> None:
+        _spin(int(us * self.cycles_per_us))
+
+    def mark(self) -> None:
+        _spin(1)
+
+
+@dataclass(frozen=True)
+class Activity:
+    name: str
+    start_ns: int
+    end_ns: int
+    stream: int
+
+
+class Tracer:
+    def __init__(self) -> None:
+        self._prof = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            return torch.profiler.ProfilerActivity.CUDA in torch.autograd._supported_activities()
+        except Exception:  # a torch build without the profiler bindings
+            return False
+
+    def start(self) -> None:
+        self._prof = _Profile(use_cpu=False, use_device="cuda", use_kineto=True)
+        _enter(self._prof)
+
+    def stop(self) -> list[Activity]:
+        prof, self._prof = self._prof, None
+        if prof is None:
+            raise TraceError("the device trace was not running")
+        _exit(prof, None, None, None)
+        out = []
+        for e in prof.kineto_results.events():
+            if e.device_type() != DeviceType.CUDA:
+                continue
+            kind = str(e.activity_type()).lower() if hasattr(e, "activity_type") else ""
+            if kind and not any(k in kind for k in DEVICE_ACTIVITIES):
+                continue  # annotations mirrored onto the GPU timeline, not work
+            if not kind and getattr(e, "is_user_annotation", lambda: False)():
+                continue
+            out.append(Activity(e.name(), int(e.start_ns()), int(e.start_ns() + e.duration_ns()),
+                                int(e.device_resource_id())))
+        out.sort(key=lambda a: a.start_ns)
+        return out
+
+    def abandon(self) -> None:
+        """Stop after a failed block; the records are dropped."""
+        if self._prof is not None:
+            try:
+                _exit(self._prof, None, None, None)
+            except Exception:  # the block already failed; its error is the one to report
+                pass
+            self._prof = None
+
+    def spans_us(self, acts: list[Activity], n: int) -> list[tuple[float, int, int]]:
+        """Per iteration: (device span in us, activities, distinct streams) of what ran between the
+        iteration's hold and its marker. Raises TraceError unless there are exactly `n` of each."""
+        spins = [a for a in acts if SPIN in a.name]
+        if len(spins) != 2 * n:
+            raise TraceError(f"the device trace holds {len(spins)} spin kernels for {n} timed iterations, "
+                             f"expected {2 * n} (another profiler session, or the call ran torch.cuda._sleep)")
+        holds, marks = spins[0::2], spins[1::2]
+        work = [a for a in acts if SPIN not in a.name]
+        out, j = [], 0
+        for h, m in zip(holds, marks):
+            if m.start_ns < h.end_ns:
+                raise TraceError("a marker kernel started before its hold kernel ended")
+            while j < len(work) and work[j].start_ns < h.start_ns:
+                j += 1
+            first, last, count, streams = None, 0, 0, set()
+            while j < len(work) and work[j].start_ns < m.start_ns:
+                a = work[j]
+                first = a.start_ns if first is None else first
+                last = max(last, a.end_ns)
+                count += 1
+                streams.add(a.stream)
+                j += 1
+            out.append(((last - first) / 1e3 if first is not None else 0.0, count, len(streams)))
+        return out

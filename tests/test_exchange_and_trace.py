@@ -1,0 +1,119 @@
+"""The results-file format between the workers, and how a device trace is split into timed calls."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from conftest import HAS_GPU
+from kda.sandbox import device_trace as DT
+from kda.sandbox import exchange
+
+
+# --- exchange ------------------------------------------------------------------------------------
+def test_roundtrip_keeps_values_dtypes_and_shapes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    recs = [{"outputs": [torch.randn(3, 5, generator=g).to(torch.bfloat16), 7],
+             "inputs": [torch.randint(-9, 9, (4,), generator=g, dtype=torch.int64), 0.5, None,
+                        torch.zeros(0, 4096, dtype=torch.float16), torch.tensor([True, False])]},
+            {"outputs": [torch.randn(2, 2, generator=g)[:, 1]], "inputs": []}]  # non-contiguous
+    f = tmp_path / "x.kdax"
+    exchange.save(recs, str(f))
+    back = exchange.load(str(f))
+    assert len(back) == 2
+    for want, got in zip(recs, back):
+        for k in want:
+            assert len(got[k]) == len(want[k])
+            for a, b in zip(want[k], got[k]):
+                if isinstance(a, torch.Tensor):
+                    assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+                else:
+                    assert a == b
+
+
+def _write_raw(path, header: dict, payload: bytes) -> None:
+    head = json.dumps(header).encode()
+    path.write_bytes(exchange.MAGIC + struct.pack("<Q", len(head)) + head + payload)
+
+
+@pytest.mark.parametrize("header, payload, reason", [
+    ({"records": [{"outputs": [{"t": 0}]}],
+      "tensors": [{"dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}]}, b"\0" * 8, "outside the file"),
+    ({"records": [{"outputs": [{"t": 0}]}],
+      "tensors": [{"dtype": "float32", "shape": [4], "offset": 0, "nbytes": 12}]}, b"\0" * 16, "do not fit"),
+    ({"records": [{"outputs": [{"t": 0}]}],
+      "tensors": [{"dtype": "complex64", "shape": [1], "offset": 0, "nbytes": 8}]}, b"\0" * 8, "bad description"),
+    ({"records": [{"outputs": [{"t": 3}]}], "tensors": []}, b"", "bad item"),
+    ({"records": [{"outputs": [{"v": [1, 2]}]}], "tensors": []}, b"", "bad item"),
+    ({"records": "nope", "tensors": []}, b"", "not a list"),
+])
+def test_a_forged_file_is_refused_with_the_reason(tmp_path, header, payload, reason):
+    f = tmp_path / "bad.kdax"
+    _write_raw(f, header, payload)
+    with pytest.raises(exchange.ExchangeError, match=reason):
+        exchange.load(str(f))
+
+
+def test_a_file_that_is_not_ours_is_refused(tmp_path):
+    f = tmp_path / "x.pt"
+    torch.save([{"outputs": [torch.ones(2)]}], f)
+    with pytest.raises(exchange.ExchangeError, match="magic"):
+        exchange.load(str(f))
+    f.write_bytes(exchange.MAGIC + struct.pack("<Q", exchange.MAX_HEADER + 1))
+    with pytest.raises(exchange.ExchangeError, match="limit"):
+        exchange.load(str(f))
+
+
+# --- trace splitting -----------------------------------------------------------------------------
+def _acts(*spec):
+    return sorted((DT.Activity(n, s, e, st) for n, s, e, st in spec), key=lambda a: a.start_ns)
+
+
+SPIN = "at::cuda::(anonymous namespace)::spin_kernel(long)"
+
+
+def test_each_call_is_the_span_of_its_work_on_every_stream():
+    acts = _acts(
+        ("randn", 0, 500, 7), (SPIN, 1_000, 21_000, 7), ("k1", 21_100, 24_100, 7), ("k2", 24_200, 30_200, 7),
+        (SPIN, 40_000, 40_100, 7),  # marker: after the sync
+        ("randn", 41_000, 42_000, 7), (SPIN, 43_000, 63_000, 7), ("k1", 63_050, 66_050, 7),
+        ("side", 63_100, 90_000, 9),  # left running on another stream
+        (SPIN, 95_000, 95_100, 7))
+    spans = DT.Tracer().spans_us(acts, 2)
+    assert spans[0] == (pytest.approx(9.1), 2, 1)
+    assert spans[1] == (pytest.approx(26.95), 2, 2)
+
+
+def test_a_call_with_no_device_work_reads_zero():
+    acts = _acts((SPIN, 0, 10_000, 7), (SPIN, 12_000, 12_100, 7))
+    assert DT.Tracer().spans_us(acts, 1) == [(0.0, 0, 0)]
+
+
+def test_an_extra_or_missing_spin_kernel_is_tampering():
+    acts = _acts((SPIN, 0, 10_000, 7), ("k", 10_100, 11_000, 7), (SPIN, 10_500, 10_600, 9),
+                 (SPIN, 12_000, 12_100, 7))
+    with pytest.raises(DT.TraceError, match="3 spin kernels"):
+        DT.Tracer().spans_us(acts, 1)
+    with pytest.raises(DT.TraceError, match="expected 4"):
+        DT.Tracer().spans_us(_acts((SPIN, 0, 10, 7), (SPIN, 20, 30, 7)), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_a_traced_kernel_reads_its_device_time():
+    """On a GPU: two small kernels between a hold and a marker read back as two activities."""
+    if not DT.Tracer.available():
+        pytest.skip("this torch build has no CUPTI")
+    hold, tr = DT.SpinHold(torch.device("cuda")), DT.Tracer()
+    tr.start()
+    for _ in range(5):
+        hold(30.0)
+        x = torch.ones(1 << 20, device="cuda")
+        x.mul_(2)
+        torch.cuda.synchronize()
+        hold.mark()
+    spans = tr.spans_us(tr.stop(), 5)
+    assert all(n == 2 and 0.5 < us < 200 for us, n, _ in spans), spans
