@@ -130,18 +130,27 @@ def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
     from kda.tools.jobs import CancelToken
 
     per: dict[str, list[float]] = {}
-    walls, statuses = [], {}
+    per_ev: dict[str, list[float]] = {}
+    walls, statuses, phases = [], {}, []
     for i in range(repeats):
         req = bench.prepare(ws, "work/triton", None, workloads, mode, "writer")
         t0 = time.time()
         _, rec = bench.run_benchmark(req, lambda *a: None, CancelToken())
         walls.append(time.time() - t0)
-        say(f"  ours repeat {i + 1}/{repeats}: {rec['headline'][:120]} ({walls[-1]:.1f} s)")
+        phases.append(rec.get("phases_s", {}))
+        say(f"  ours repeat {i + 1}/{repeats}: {rec['headline'][:120]} ({walls[-1]:.1f} s; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()) + ")")
         for w in rec["workloads"]:
             statuses[w["uuid"]] = w["status"]
             if w.get("candidate_us"):
                 per.setdefault(w["uuid"], []).append(w["candidate_us"])
-    return {"median_us": per, "wall_s": walls, "status": statuses}
+            if w.get("event_median_us"):
+                per_ev.setdefault(w["uuid"], []).append(w["event_median_us"])
+    say(f"  timing: {rec['env']['worker'].get('timing_mode')}")
+    say(f"  worker start-up: trusted {rec['env']['worker'].get('startup_s')}, "
+        f"candidate {rec['env'].get('candidate_worker', {}).get('startup_s')}")
+    return {"median_us": per, "wall_s": walls, "status": statuses, "phases_s": phases,
+            "timing_mode": rec["env"]["worker"].get("timing_mode"), "events": {"median_us": per_ev}}
 
 
 def do_bench(ws: Any, wls: list[dict], repeats: int) -> dict[str, Any]:
@@ -257,7 +266,7 @@ def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, An
         row: dict[str, Any] = {"task": task, "uuid": u, "axes": w["axes"]}
         ref = ncu_m.get(u, [None])[0]
         row["ncu_us"] = ref
-        for h in ("ours", "do_bench", "fib_persistent", "fib_isolated"):
+        for h in ("ours", "ours_events", "do_bench", "fib_persistent", "fib_isolated"):
             vals = ((res.get(h) or {}).get("median_us") or {}).get(u)
             if not vals:
                 continue
@@ -277,7 +286,7 @@ def fmt(v: Any, pct: bool = False) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hs = ["ours", "do_bench", "fib_persistent", "fib_isolated"]
+    hs = ["ours", "ours_events", "do_bench", "fib_persistent", "fib_isolated"]
     head = ["task", "axes", "ncu us"] + [f"{h} us / spread / vs ncu" for h in hs]
     say(" | ".join(head))
     for r in rows:
@@ -290,7 +299,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]], walls: dict[str, Any], skipped: dict[str, str]) -> str:
-    hs = [("ours", "ours"), ("do_bench", "do_bench"), ("fib_persistent", "fib persistent"),
+    hs = [("ours", "ours"), ("ours_events", "ours, events only"), ("do_bench", "do_bench"), ("fib_persistent", "fib persistent"),
           ("fib_isolated", "fib isolated")]
     out = [f"Device: {env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env.get('triton')}, "
            f"flashinfer-bench {env.get('flashinfer_bench')}; {env['date']}.", "",
@@ -335,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fib-repeats", type=int, default=3, help="repeats of flashinfer-bench's persistent runner")
     ap.add_argument("--fib-isolated-repeats", type=int, default=1, help="its isolated runner takes ~90 s a run")
     ap.add_argument("--gemm-workloads", default="sample:4")
+    ap.add_argument("--rmsnorm-workloads", default=None, help="default: all (sample:4 with --quick)")
+    ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
+                    help="which to run, comma-separated")
     ap.add_argument("--mode", default="quick", choices=["quick", "full"])
     ap.add_argument("--quick", action="store_true", help="2 repeats, sample:4 rmsnorm workloads, no isolated runner")
     ap.add_argument("--allow-cpu", action="store_true", help="run what can run without a GPU (ours, interpreter)")
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="kda-fidelity-"))
     all_rows: list[dict[str, Any]] = []
     walls: dict[str, Any] = {}
+    details: dict[str, Any] = {}
     try:
         for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
             if task not in KERNELS:
@@ -381,26 +394,34 @@ def main(argv: list[str] | None = None) -> int:
             ws = make_workspace(task, dataset, base)
             from kda.tools.bench import select_workloads
 
-            spec = a.gemm_workloads if task.startswith("gemm") else ("sample:4" if a.quick else "all")
+            spec = (a.gemm_workloads if task.startswith("gemm")
+                    else a.rmsnorm_workloads or ("sample:4" if a.quick else "all"))
             if not gpu:  # the interpreter is slow: the two smallest workloads only
                 spec = [w["uuid"] for w in sorted(ws.workloads(), key=lambda w: sorted(w["axes"].values()))[:2]]
             wls, _ = select_workloads(ws.definition(), ws.workloads(), spec)
             uuids = [w["uuid"] for w in wls]
             res: dict[str, Any] = {}
-            res["ours"] = guarded(f"{task}/ours", lambda: ours(ws, uuids, a.repeats, a.mode), skipped)
+            want = {h.strip() for h in a.harnesses.split(",")}
+            if "ours" in want:
+                res["ours"] = guarded(f"{task}/ours", lambda: ours(ws, uuids, a.repeats, a.mode), skipped)
+            if ((res.get("ours") or {}).get("events") or {}).get("median_us"):
+                res["ours_events"] = res["ours"]["events"]
             if gpu:
-                res["do_bench"] = guarded(f"{task}/do_bench", lambda: do_bench(ws, wls, a.repeats), skipped)
-                if a.fib_repeats:
+                if "do_bench" in want:
+                    res["do_bench"] = guarded(f"{task}/do_bench", lambda: do_bench(ws, wls, a.repeats), skipped)
+                if a.fib_repeats and "fib_persistent" in want:
                     res["fib_persistent"] = guarded(f"{task}/fib_persistent",
                                                     lambda: fib(ws, wls, a.fib_repeats, isolated=False), skipped)
-                if a.fib_isolated_repeats:
+                if a.fib_isolated_repeats and "fib_isolated" in want:
                     res["fib_isolated"] = guarded(f"{task}/fib_isolated",
                                                   lambda: fib(ws, wls, a.fib_isolated_repeats, isolated=True), skipped)
-                res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0]), skipped)
+                if "ncu" in want:
+                    res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0]), skipped)
             else:
                 skipped[f"{task}/do_bench, flashinfer-bench, ncu"] = "no CUDA GPU"
             walls[task] = {h: (res.get(h) or {}).get("wall_s") for h in ("ours", "fib_persistent", "fib_isolated")}
             walls[task]["workloads"] = len(wls)
+            details[task] = {k: (res.get("ours") or {}).get(k) for k in ("phases_s", "timing_mode")}
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):
@@ -421,8 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"fidelity-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"env": env, "rows": all_rows, "wall_s": walls, "skipped": skipped,
-                               "args": vars(a)}, indent=1, default=str))
+    # Paths in the record are relative to the repository (results get committed).
+    def rel(v: str) -> str:
+        p = Path(v).resolve()
+        return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else "(outside the repository)"
+
+    args = {k: rel(v) if k in ("dataset", "out") else v for k, v in vars(a).items()}
+    out.write_text(json.dumps({"env": env, "rows": all_rows, "wall_s": walls, "ours": details, "skipped": skipped,
+                               "args": args}, indent=1, default=str))
     say(f"wrote {out}")
     md = markdown(env, all_rows, walls, skipped)
     (out.with_suffix(".md")).write_text(md)
