@@ -245,7 +245,6 @@ class Worker:
         self.overhead_us = 0.0
         self.holder = None
         self.tracer = None
-        self._left_threads = 0
         self.timing_mode = "host clock" if device_spec == "cpu" else "events"
         self._warm()
 
@@ -531,28 +530,19 @@ class Worker:
         call's device span from the CUPTI trace when there is a tracer (see device_trace), its
         event time always (the cross-check, or the timer when there is no tracer)."""
         sl = self.slots[p["key"]]
-        wl = sl.workload
-        k = len(sl.inputs)
         n_warm = int(p["warmup"])
-        min_iters, max_iters = int(p.get("min_iters", 1)), int(p.get("max_iters", 1000))
-        target_s, max_s = float(p.get("target_s", 0.0)), float(p.get("max_s", 30.0))
-        flush = bool(p.get("flush", True)) and self.flusher is not None
-        lat, host, warm = [], [], []
-        # Launch times persist across a workload's blocks, so a block's first hold is already right.
-        call_us = sl.call_us
         tids_block0 = H.os_thread_ids()
         start_block = _perf()
         tracer = self.tracer
         if tracer is not None:
             tracer.start()
         try:
-            j = self._time_loop(p, sl, wl, k, n_warm, min_iters, max_iters, target_s, max_s, flush,
-                                lat, host, warm, call_us, start_block, tracer)
+            j, ev, host, warm, left_threads = self._time_loop(p, sl, start_block, tracer is not None)
         except BaseException:
             if tracer is not None:
                 tracer.abandon()
             raise
-        ev = list(lat)
+        lat = ev
         trace_info, trace_s = None, 0.0
         if tracer is not None:
             t0 = _perf()
@@ -568,7 +558,6 @@ class Worker:
                 ALERTS.add("TIMING_TAMPERED", "device_trace", f"{e}: the device trace was tampered with")
             trace_s = _perf() - t0
         self.sync()
-        left_threads = self._left_threads
         if left_threads and self.role == "candidate":
             ALERTS.add("TIMING_TAMPERED", "threads",
                        f"a timed call left {left_threads} new thread(s) running after it returned "
@@ -584,17 +573,27 @@ class Worker:
                 "overhead_us": self.overhead_us, "block_s": _perf() - start_block, "trace_s": trace_s,
                 "trace": trace_info, "threads": len(H.os_thread_ids())}
 
-    def _time_loop(self, p, sl, wl, k, n_warm, min_iters, max_iters, target_s, max_s, flush, lat, host, warm,
-                   call_us, start_block, tracer) -> int:
-        """The iterations of one block; appends to lat/host/warm and returns how many ran."""
-        self._left_threads = 0
+    def _time_loop(self, p: dict, sl: Slots, start_block: float, traced: bool):
+        """The iterations of one block: (iterations run, event times of the timed ones, their host
+        times, the warm-up calls' wall and idle times, the most threads a call left behind)."""
+        wl, k = sl.workload, len(sl.inputs)
+        n_warm = int(p["warmup"])
+        min_iters, max_iters = int(p.get("min_iters", 1)), int(p.get("max_iters", 1000))
+        target_s, max_s = float(p.get("target_s", 0.0)), float(p.get("max_s", 30.0))
+        flush = bool(p.get("flush", True)) and self.flusher is not None
+        ev: list[float] = []
+        host: list[float] = []
+        warm: list[dict] = []
+        left_threads = 0
+        # Launch times persist across a workload's blocks, so a block's first hold is already right.
+        call_us = sl.call_us
         timed_start = None
         j = 0
         while True:
             if j >= n_warm:
                 if timed_start is None:
                     timed_start = _perf()
-                n = len(lat)
+                n = len(ev)
                 spent = _perf() - timed_start
                 if n >= max_iters or (n >= min_iters and spent >= target_s) or (n >= 1 and _perf() - start_block > max_s):
                     break
@@ -623,7 +622,7 @@ class Worker:
                 _ev_record(e_ev, self.stream)
                 _cuda_sync()
                 h_end = _perf()
-                if tracer is not None:
+                if traced:
                     self.holder.mark()  # after the sync: every stream's work of this call is done
                 # Host time of the frame less the hold as the device ran it (not as asked: the
                 # hold kernel may overrun), so what is left beyond the events is off-stream work.
@@ -642,17 +641,17 @@ class Worker:
                 sl.outputs[slot] = res
             sl.seeds[slot] = seed
             if new:
-                self._left_threads = max(self._left_threads, len(new))
+                left_threads = max(left_threads, len(new))
             if j < n_warm:
                 ch1 = _os_times()
                 cpu = (_thread_time() - c0) + (ch1.children_user + ch1.children_system
                                                - ch0.children_user - ch0.children_system)
                 warm.append({"wall_ms": (h1 - h0) * 1e3, "idle_ms": max(0.0, (h1 - h0) - cpu) * 1e3})
             else:
-                lat.append(ev_us)
+                ev.append(ev_us)
                 host.append((h1 - h0) * 1e6)
             j += 1
-        return j
+        return j, ev, host, warm, left_threads
 
     def save_slot(self, p: dict) -> dict:
         sl = self.slots[p["key"]]
