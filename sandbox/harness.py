@@ -99,13 +99,6 @@ def output_specs(definition: dict, workload: dict) -> list[tuple[str, list[int] 
     return [(n, _shape(definition, s, axes), torch_dtype(s["dtype"])) for n, s in definition["outputs"].items()]
 
 
-def nbytes(shape: list[int] | None, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape or []:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
 # --- inputs ------------------------------------------------------------------------------------
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -151,7 +144,7 @@ class SafetensorsCache:
             try:
                 import safetensors.torch as st
             except ImportError:
-                raise HarnessError("input {name!r} is a safetensors input but `safetensors` is not installed") from None
+                raise HarnessError(f"input {name!r} is a safetensors input but `safetensors` is not installed") from None
             self.files[key] = st.load_file(key)
         tensors = self.files[key]
         tk = wspec.get("tensor_key")
@@ -328,10 +321,12 @@ def compare_output(name: str, got: Any, ref: torch.Tensor, atol: float, rtol: fl
         return {**res, "status": "INCORRECT_DTYPE", "check": "dtype",
                 "evidence": f"output {name!r} has dtype {str(got.dtype).replace('torch.', '')}, "
                             f"expected {str(ref.dtype).replace('torch.', '')}"}
-    x = got.detach().to(device=ref.device, dtype=torch.float32)
-    y = ref.detach().to(torch.float32)
+    # Integers compare in float64: float32 would merge values above 2**24 (indices, counts).
+    wide = torch.float32 if ref.dtype.is_floating_point else torch.float64
+    x = got.detach().to(device=ref.device, dtype=wide)
+    y = ref.detach().to(wide)
     total = x.numel()
-    if x.dtype.is_floating_point:
+    if got.dtype.is_floating_point:
         nan = torch.isnan(x)
         inf = torch.isinf(x)
         n_nan, n_inf = int(nan.sum()), int(inf.sum())
@@ -451,13 +446,3 @@ def new_threads(before: set[int]) -> set[int]:
             continue  # already gone
         out.add(tid)
     return out
-
-
-def thread_cpu_ticks(tid: int) -> int | None:
-    try:
-        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(b")") + 2:].split()
-    return int(rest[11]) + int(rest[12])

@@ -405,7 +405,6 @@ class _Watchdog(threading.Thread):
         self.owns_wait = owns_wait
         self.stop = threading.Event()
         self.killed_for: str | None = None
-        self.peak_rss = 0
         self._cpu_seen: dict[int, float] = {}  # last CPU time sampled per pid (killed jobs are never reaped
         # by their parents, so wait4's rusage misses them)
 
@@ -421,7 +420,6 @@ class _Watchdog(threading.Thread):
                 c = _cpu_seconds(pid)
                 if c is not None:
                     self._cpu_seen[pid] = c
-            self.peak_rss = max(self.peak_rss, rss)
             if len(pids) >= self.limits.max_processes:
                 self.killed_for = f"process limit {self.limits.max_processes} reached (unbounded fork?)"
             elif rss > self.limits.max_rss_bytes:
@@ -566,7 +564,7 @@ def run_job(job: Job, *, require_isolation: bool = False,
     if rc is not None and rc < 0:
         sig_name, reason = _signal_words(-rc)
         returncode = None
-    elif isolation == "bubblewrap" and rc is not None and rc > 128 and (rc - 128) in signal.valid_signals():
+    elif isolation.startswith("bubblewrap") and rc is not None and rc > 128 and (rc - 128) in signal.valid_signals():
         # bwrap reports a job killed by signal N as exit status 128+N.
         sig_name, reason = _signal_words(rc - 128)
         returncode = None
