@@ -432,6 +432,9 @@ def test_rules_with_device_timestamps(workspace):
     # Device time the events saw and the trace did not: the trace was interfered with.
     r = gpu._analyze(_state(small, [10.0] * 50, [1.0] * 50, events=[40.0] * 50), bw)
     assert r["status"] == "TIMING_TAMPERED" and r["check"] == "device_trace"
+    # Calls that ran nothing on the device at all: no speedup, the floor says why.
+    r = gpu._analyze(_state(small, [10.0] * 50, [0.0] * 50, events=[3.0] * 50), bw)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "no device work" in r["evidence"] and "speedup" not in r
     # A call that ran nothing on the device is noted.
     st = _state(small, [10.0] * 50, [2.0] * 50, events=[3.0] * 50)
     st.empty_calls = 3
@@ -498,3 +501,20 @@ async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
     async with mcp_client(workspace, "writer") as client:
         out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
     assert out["status"] == "PASSED", out
+
+
+def test_a_finished_job_read_by_another_process_returns_its_record(workspace):
+    """job_status from a server process that did not run the job reads the result from the store."""
+    from kda.tools import jobs
+
+    def body(progress, cancel):
+        rec = {"kind": "benchmark", "status": "PASSED", "headline": "PASSED 1/1"}
+        run_id = workspace.store.put_run("benchmark", "writer", "PASSED", rec["headline"], rec)
+        return run_id, rec
+
+    job = jobs.start_job(workspace, "writer", "benchmark", body)
+    assert job.done.wait(10)
+    del jobs._JOBS[job.id]  # as seen from another server process
+    out = jobs.get_job(workspace, job.id)
+    assert out["state"] == "done" and out["result"]["headline"] == "PASSED 1/1"
+    assert out["result"]["run_id"] == job.run_id

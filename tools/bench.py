@@ -215,7 +215,13 @@ class WorkerClient:
             if rep is None:
                 if self.cancel.cancelled:
                     raise Cancelled("cancelled")
-                self.proc.wait(timeout=5)
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # it closed its reply channel but lives on
+                    self.kill()
+                    raise WorkerFailure("SANDBOX_VIOLATION", "protocol",
+                                        f"{self.name} worker closed its reply channel during {what} and kept "
+                                        "running: something other than the harness touched it") from None
                 rc = self.proc.returncode
                 reason = self._death_reason(rc)
                 raise WorkerFailure("RUNTIME_ERROR", "worker_died",
@@ -232,12 +238,18 @@ class WorkerClient:
 
     def _death_reason(self, rc: int | None) -> str:
         import signal as _sig
+
+        from kda.sandbox.runner import _signal_words
+
+        watch = getattr(self.proc, "_kda_watch", None)
+        if watch is not None and watch.killed_for:
+            return watch.killed_for
         if rc is None:
             return "unknown"
         if rc < 0:
-            return f"killed by {_sig.Signals(-rc).name}" if -rc in _sig.valid_signals() else f"signal {-rc}"
-        if rc > 128 and (rc - 128) in _sig.valid_signals():
-            return f"killed by {_sig.Signals(rc - 128).name}"
+            return _signal_words(-rc)[1]
+        if rc > 128 and (rc - 128) in _sig.valid_signals():  # bwrap's status for a job killed by a signal
+            return _signal_words(rc - 128)[1]
         return f"exit status {rc}"
 
     def ready(self, timeout: float) -> dict:
@@ -279,12 +291,8 @@ class WorkerClient:
     def kill(self) -> None:
         from kda.sandbox.runner import kill_tree
 
-        if self.proc.poll() is None:
-            kill_tree(self.proc)
-        else:
-            watch = getattr(self.proc, "_kda_watch", None)
-            if watch is not None:
-                watch.stop.set()
+        # Also when the worker itself is gone: what it forked may still run in its process group.
+        kill_tree(self.proc)
 
     def close(self) -> None:
         try:
@@ -671,9 +679,6 @@ class BenchRun:
                     if chk["status"] != "PASSED":
                         st.fail(chk["status"], "timed_outputs", chk.get("evidence", ""))
                         return
-            with self.phase("prepare"):
-                cand.request("release", 60, key=key)
-                self.trusted.request("release", 60, key=key)
             self._collect(st)
         except WorkerFailure as e:
             self.cancel.check()
@@ -681,10 +686,20 @@ class BenchRun:
                 cand.kill()
             if e.traceback:
                 st.notes.append("traceback:\n" + e.traceback[-2000:])
-            self._collect(st) if cand.alive() else None
+            if cand.alive():
+                self._collect(st)
             st.fail(e.status, e.check, e.evidence)
             if self.trusted is not None and not self.trusted.alive():
                 raise KdaError(f"the trusted worker died: {e.evidence}") from None
+        finally:
+            # Failed workloads too: the trusted worker lives for the whole run.
+            with self.phase("prepare"):
+                for w in (cand, self.trusted):
+                    if w is not None and w.alive():
+                        try:
+                            w.request("release", 60, key=key)
+                        except WorkerFailure:
+                            pass  # the failure that matters is already recorded
 
     # -- results
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
@@ -699,9 +714,14 @@ class BenchRun:
         if st.status == "PASSED" and st.base and st.cand:
             b = stats.median_ci(st.base, seed=seed)
             c = stats.median_ci(st.cand, seed=seed + 7)
-            sp, reps = stats.speedup_ci(st.base, st.cand, seed=seed + 13)
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
-                       candidate_ci_us=c.as_list(), speedup=sp.value, speedup_ci=sp.as_list())
+                       candidate_ci_us=c.as_list())
+            if c.value > 0:
+                sp, reps = stats.speedup_ci(st.base, st.cand, seed=seed + 13)
+                out.update(speedup=sp.value, speedup_ci=sp.as_list())
+            else:  # half the timed calls or more ran nothing on the device
+                st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
+                        f"median {c.value:.3f} us: the timed calls ran no device work, so the work was not done in them")
             if st.clean:
                 cl = stats.median_ci(st.clean, seed=seed + 3)
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())

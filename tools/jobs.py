@@ -201,7 +201,6 @@ class Job:
     run_id: str | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
 
 
 _JOBS: dict[str, Job] = {}
@@ -255,10 +254,9 @@ def start_job(ws: Workspace, role: str, kind: str,
             finally:
                 job.done.set()
 
-    job.thread = threading.Thread(target=run, name=f"kda-{kind}-{job.id[-8:]}", daemon=True)
     with _JOBS_LOCK:
         _JOBS[job.id] = job
-    job.thread.start()
+    threading.Thread(target=run, name=f"kda-{kind}-{job.id[-8:]}", daemon=True).start()
     return job
 
 
@@ -280,11 +278,10 @@ def get_job(ws: Workspace, job_id: str) -> dict[str, Any]:
         out["error"] = "the server process running this job has stopped; start the measurement again"
     if out["result"] is None and out.get("run_id") and out["state"] == "done":
         try:
-            out["result"] = ws.store.get_run(out["run_id"])["record"].get("output")
+            rec = ws.store.get_run(out["run_id"])["record"]
+            rec.setdefault("run_id", out["run_id"])
+            out["result"] = rec
         except KdaError:
             pass
     return out
 
-
-def find_job(job_id: str) -> Job | None:
-    return _JOBS.get(job_id)
