@@ -143,6 +143,24 @@ def test_valid_cuda_kernel_reports_registers_and_census(workspace):
     assert "kernel.cu.cubin" in names and "kernel.cu.ptx" in names
 
 
+
+@needs_nvcc
+def test_a_non_inlined_device_function_is_not_a_kernel(workspace):
+    """ptxas prints `Function properties` for __noinline__ device functions too; they are not kernels."""
+    code = textwrap.dedent("""\
+        __device__ __noinline__ float twice(float v) { return 2.0f * v; }
+        extern "C" __global__ void doubled(float* x, int n) {
+            int i = blockIdx.x * blockDim.x + threadIdx.x;
+            if (i < n) x[i] = twice(x[i]);
+        }
+        """)
+    path = make_candidate(workspace, "noinline", {"kernel.cu": code})
+    r = compile_candidate(workspace, path, arch="sm_90a")
+    assert r.ok, r.diagnostics
+    assert [k.name for k in r.kernels] == ["doubled"]
+    assert isinstance(r.kernels[0].resources.registers, int)
+    assert r.headline.startswith("ok: 1 kernel")
+
 @needs_nvcc
 def test_cache_hit_returns_the_same_result_fast(workspace):
     path = make_candidate(workspace, "vec", {"kernel.cu": VEC_KERNEL})

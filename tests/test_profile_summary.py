@@ -201,3 +201,22 @@ def test_diff_says_what_moved(summaries):
     apart = diff(summaries["vadd_full"], summaries["cuda_bottlenecks"])
     assert apart["only_a"] == ["vadd"] and len(apart["only_b"]) == 4
     json.dumps(d)  # structured output must serialize
+
+
+def test_diff_matches_hotspots_of_two_candidates_by_file_name_and_line(summaries):
+    """Sources of different candidates live in different folders; the same line is the same site."""
+    import copy
+
+    k = summaries["cuda_bottlenecks"]["kernels"][0]
+    assert len(k["hotspots"]) >= 2, "the fixture kernel has several source hotspots"
+    a, b = copy.deepcopy(k), copy.deepcopy(k)
+    for kern, folder in ((a, "work/v1"), (b, "work/v2")):
+        for h in kern["hotspots"]:
+            h["where"] = f"{folder}/{h['where'].rsplit('/', 1)[-1]}"
+    d = diff({"kernels": [a]}, {"kernels": [b]})["kernels"][0]
+    assert d["hotspots"]["gone"] == [] and d["hotspots"]["new"] == []
+    assert not any(m.startswith("top hotspot") for m in d["moved"])
+    b["hotspots"] = b["hotspots"][1:]  # the top site is gone in b
+    d = diff({"kernels": [a]}, {"kernels": [b]})["kernels"][0]
+    assert d["hotspots"]["gone"] == [a["hotspots"][0]["where"]]
+    assert any(m.startswith("top hotspot") for m in d["moved"])

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 from .candidate import Candidate, load_candidate
 from .errors import BadInput, KdaError, NotAvailable
+from .jobs import CancelToken, executor
+from .ncu_extract import EXIT_NO_MODULE
 from .profile_diff import diff as diff_summaries
 from .profile_summary import headline, render_text, summarize
 from .store import sha256_file
@@ -54,7 +56,7 @@ def extract_report_file(path: Path, timeout_s: float = EXTRACT_TIMEOUT_S) -> dic
     except subprocess.TimeoutExpired:
         raise KdaError(f"reading the report {path.name} timed out after {timeout_s:g} s "
                        "(the report reader hung or the report is huge)") from None
-    if r.returncode == 4:
+    if r.returncode == EXIT_NO_MODULE:
         raise NotAvailable(r.stderr.strip())
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
@@ -328,13 +330,15 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
     job_dir, cdir, out_base, argv = prepare_job(ws, cand, workload, exe)
     try:
         # The workspace is hidden from the candidate except task/ (read-only: safetensors inputs).
-        job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True, keep_privileges=True,
-                  wall_timeout_s=timeout,
-                  limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
-                                max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
-        t0 = time.monotonic()
-        res = run_job(job, require_isolation=pol.require_isolation)
-        collect_s = time.monotonic() - t0
+        # The same device pool as benchmark and verify: a profile never lands on a GPU that is timing.
+        with executor().lease(None, CancelToken()) as lease:
+            job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True,
+                      keep_privileges=True, wall_timeout_s=timeout, env=dict(lease.env),
+                      limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
+                                    max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
+            t0 = time.monotonic()
+            res = run_job(job, require_isolation=pol.require_isolation)
+            collect_s = time.monotonic() - t0
         report = out_base.with_suffix(".ncu-rep")
         log = (res.stdout_tail + "\n" + res.stderr_tail).strip()
         if res.timed_out:

@@ -6,6 +6,7 @@ listed. Only changes larger than the noise of a single profiled call are called 
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any, Optional
 
 # A single Nsight Compute replay varies by a few percent; smaller changes are not news.
@@ -65,15 +66,17 @@ def diff_kernel(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             moved.append(f"{k} {oa.get(k)} -> {ob.get(k)}")
     if a["bottleneck"]["name"] != b["bottleneck"]["name"]:
         moved.insert(0, f"bottleneck {a['bottleneck']['name']} -> {b['bottleneck']['name']}")
-    ha = {h["where"]: h for h in a["hotspots"]}
-    hb = {h["where"]: h for h in b["hotspots"]}
+    # Two candidates keep their sources in different folders: a line is the same site when the
+    # file name and line number agree.
+    ha = {_site(h["where"]): h for h in a["hotspots"]}
+    hb = {_site(h["where"]): h for h in b["hotspots"]}
     hotspots = {
         "a": [{"where": h["where"], "pct": h["samples_pct"], "text": h["text"]} for h in a["hotspots"][:3]],
         "b": [{"where": h["where"], "pct": h["samples_pct"], "text": h["text"]} for h in b["hotspots"][:3]],
-        "gone": [w for w in list(ha)[:3] if w not in hb],
-        "new": [w for w in list(hb)[:3] if w not in ha],
+        "gone": [h["where"] for k, h in list(ha.items())[:3] if k not in hb],
+        "new": [h["where"] for k, h in list(hb.items())[:3] if k not in ha],
     }
-    if a["hotspots"] and b["hotspots"] and a["hotspots"][0]["where"] != b["hotspots"][0]["where"]:
+    if a["hotspots"] and b["hotspots"] and _site(a["hotspots"][0]["where"]) != _site(b["hotspots"][0]["where"]):
         moved.append(f"top hotspot {a['hotspots'][0]['where']} -> {b['hotspots'][0]['where']}")
     return {
         "name_a": a["name"], "name_b": b["name"],
@@ -104,3 +107,9 @@ def diff(sum_a: dict[str, Any], sum_b: dict[str, Any]) -> dict[str, Any]:
     return {"total_us": {"a": round(ta, 3), "b": round(tb, 3), "delta_pct": total_pct},
             "kernels": kernels, "only_a": [k["name"] for k in only_a], "only_b": [k["name"] for k in only_b],
             "text": "\n".join(lines), "headline": head}
+
+
+def _site(where: str) -> str:
+    """`work/v1/kernel.py:40` -> `kernel.py:40`."""
+    path, _, line = where.rpartition(":")
+    return f"{PurePosixPath(path).name}:{line}" if path else where

@@ -48,9 +48,8 @@ def parse_ptxas_verbose(text: str) -> dict[str, KernelResources]:
             out.setdefault(current, KernelResources(name=current, demangled=current))
             continue
         m = _PROPS.search(line)
-        if m:
-            current = m.group(1)
-            out.setdefault(current, KernelResources(name=current, demangled=current))
+        if m:  # kernels and non-inlined device functions alike: only an entry function is a kernel
+            current = m.group(1) if m.group(1) in out else None
             continue
         if current is None:
             continue
