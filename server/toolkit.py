@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Awaitable, Callable, Generic, TypeVar
 
 import anyio
@@ -66,7 +66,6 @@ class ToolSpec:
     roles: frozenset[str]
     annotations: ToolAnnotations
     checks_lock: bool = False
-    audited_args: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda a: a)
 
 
 REGISTRY: dict[str, ToolSpec] = {}
@@ -152,11 +151,7 @@ def _make_entry(spec: ToolSpec, ws: Workspace, role: str, session: str) -> Calla
                 raise KdaError(_format_validation(e)) from None
             if spec.checks_lock:
                 await anyio.to_thread.run_sync(ws.check_lock)
-            result = spec.handler(call, args)
-            if inspect.isawaitable(result):
-                reply = await result
-            else:  # pragma: no cover - handlers are wrapped below
-                reply = result
+            reply = await spec.handler(call, args)  # sync handlers were wrapped by @tool
             outcome = "ok: " + reply.headline
             text = reply.headline + (("\n" + reply.detail) if reply.detail else "")
             return CallToolResult(
@@ -181,9 +176,8 @@ def _make_entry(spec: ToolSpec, ws: Workspace, role: str, session: str) -> Calla
             raise ToolError(f"internal error in {spec.name}: {type(e).__name__}: {e} (see .kda/logs/server-errors.log)") from None
         finally:
             elapsed = time.monotonic() - started
-            audited = spec.audited_args(dict(kwargs))
             await anyio.to_thread.run_sync(
-                lambda: ws.audit.append(role, session, spec.name, audited, f"{outcome} ({elapsed:.2f}s)")
+                lambda: ws.audit.append(role, session, spec.name, dict(kwargs), f"{outcome} ({elapsed:.2f}s)")
             )
 
     entry.__name__ = spec.name

@@ -38,8 +38,23 @@ async def test_reviewer_sees_only_read_only_tools(workspace, mode):
             assert r.is_error and writer_tool in r.content[0].text
 
 
+async def test_a_tool_entry_rechecks_the_role_on_every_call(workspace):
+    """Defence in depth: even a reviewer-only tool's entry, were it ever reached by the writer,
+    refuses the call and the refusal is audited."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    import kda.server.app  # noqa: F401  (registers the declarations)
+    from kda.server.toolkit import REGISTRY, _make_entry
+
+    entry = _make_entry(REGISTRY["audit_verify"], workspace, "writer", "s-test")
+    with pytest.raises(ToolError, match="may not call 'audit_verify'"):
+        await entry()
+    rows, total = workspace.audit.entries(tool="audit_verify", role="writer")
+    assert total == 1 and "may not call" in rows[0]["outcome"]
+
+
 @pytest.mark.parametrize("mode", MODES)
-async def test_writer_tools_and_role_recheck(workspace, mode):
+async def test_writer_tools_and_unregistered_tools_are_refused(workspace, mode):
     async with mcp_client(workspace, "writer", mode) as c:
         names = {t.name for t in (await c.list_tools()).tools}
         assert "task_info" in names
