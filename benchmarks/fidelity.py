@@ -205,13 +205,6 @@ def fib(ws: Any, wls: list[dict], repeats: int, isolated: bool) -> dict[str, Any
     return {"median_us": per, "wall_s": walls, "status": statuses}
 
 
-def find_ncu() -> str | None:
-    for c in [shutil.which("ncu"), "/usr/local/cuda/bin/ncu", *sorted(map(str, Path("/opt/nvidia").glob("nsight-compute/*/ncu")))]:
-        if c and Path(c).exists():
-            return c
-    return None
-
-
 NCU_DRIVER = '''
 import json, sys, torch
 sys.path.insert(0, {repo!r})
@@ -231,6 +224,8 @@ for w in wls:
 
 
 def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5) -> dict[str, Any]:
+    from kda.tools.profile import find_ncu
+
     exe = find_ncu()
     if not exe:
         raise RuntimeError("Nsight Compute (ncu) not found on PATH, /usr/local/cuda/bin or /opt/nvidia")

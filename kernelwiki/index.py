@@ -718,10 +718,6 @@ class WikiIndex:
         # two processes never write the folder at once; readers keep their in-memory BM25.
         return self._file_locked > 0
 
-    def refresh(self) -> None:
-        """Pick up writes made by another process (for example `kda wiki ingest`)."""
-        self._load_rows()
-
     @property
     def chunk_count(self) -> int:
         return len(self._rows)

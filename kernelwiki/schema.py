@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,7 +23,6 @@ from . import PAGES_DIR
 
 PAGE_TYPES = ("hardware", "technique", "pattern", "kernel", "language", "playbook", "migration")
 ARCHITECTURES = ("sm80", "sm89", "sm90", "sm100", "sm120")
-CONFIDENCE = ("verified", "source-reported", "inferred")
 PAGES_SOURCE = "kernelwiki"  # the source name of the built-in pages
 
 # MiniLM reads at most 256 word pieces; a section longer than this is split by paragraph so
@@ -274,7 +273,3 @@ def _first_h1(body: str) -> str | None:
         if line.strip() and not hm:
             return None  # the H1, when there is one, comes first
     return None
-
-
-def chunk_pages(pages: Iterable[Page]) -> list[Chunk]:
-    return [c for p in pages for c in chunk_page(p)]

@@ -115,7 +115,6 @@ async def _session(ws: Path) -> int:
             r, s = await _call(clients[role], role, name, call_args)
             run_id = s.get("run_id") if not r.is_error else None
             if run_id:
-                memo["last_run"] = run_id
                 if name == "benchmark":
                     memo.setdefault("first_bench", run_id)
                 if name == "profile":

@@ -292,7 +292,8 @@ async def test_long_run_returns_a_job_id_and_job_status_finishes_it(workspace, t
         assert r.is_error and "no job" in r.content[0].text
 
 
-def _bench_workers_under(root: Path) -> list[int]:
+def _bench_workers() -> list[int]:
+    """Every bench worker process on this machine."""
     pids = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -310,7 +311,7 @@ async def test_cancelling_the_call_kills_the_workers(workspace):
     from kda.tools import jobs
 
     path = _install(workspace, CASES / "hang")
-    before = set(_bench_workers_under(workspace.root))
+    before = set(_bench_workers())
     async with mcp_client(workspace, "writer") as client:
         with anyio.move_on_after(6):
             await client.call_tool("benchmark", {"path": path, "workloads": [BATCH1], "wait_s": 120})
@@ -318,7 +319,7 @@ async def test_cancelling_the_call_kills_the_workers(workspace):
         job = [j for j in jobs._JOBS.values() if Path(j.ws_root) == workspace.root][-1]
         assert await anyio.to_thread.run_sync(lambda: job.done.wait(30))
         assert job.state == "cancelled", (job.state, job.error)
-        assert set(_bench_workers_under(workspace.root)) - before == set()
+        assert set(_bench_workers()) - before == set()
         r = await client.call_tool("job_status", {"job_id": job.id})
         assert r.structured_content["state"] == "cancelled"
         r = await client.call_tool("task_info", {"limit": 1})

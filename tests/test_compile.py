@@ -255,7 +255,7 @@ def test_tripwires_flag_cheats_with_file_and_line(workspace):
             open("/tmp/leak.txt", "w").write("x")
             setattr(torch, "mm", None)
         """)
-    hits = scan_candidate({"kernel.py": src}, "triton", "work/cheat", None)
+    hits = scan_candidate({"kernel.py": src}, "triton", "work/cheat")
     rules = {(h.rule, h.line) for h in hits}
     assert ("network-or-subprocess", 2) in rules
     assert ("introspection", 3) in rules
@@ -265,9 +265,9 @@ def test_tripwires_flag_cheats_with_file_and_line(workspace):
     assert ("write-outside", 13) in rules and ("monkeypatch", 14) in rules
     assert all(h.file == "work/cheat/kernel.py" for h in hits)
     # A plain python candidate may use torch: no torch-fallback warnings there.
-    assert not any(h.rule == "torch-fallback" for h in scan_candidate({"kernel.py": src}, "python", "work/p", None))
+    assert not any(h.rule == "torch-fallback" for h in scan_candidate({"kernel.py": src}, "python", "work/p"))
     cu = '#include <cstdlib>\n// system("not code")\nvoid f() { system("curl x"); FILE* f = fopen("/etc/passwd", "w"); }\n'
-    chits = scan_candidate({"k.cu": cu}, "cuda", "work/c", None)
+    chits = scan_candidate({"k.cu": cu}, "cuda", "work/c")
     assert {(h.rule, h.line) for h in chits} >= {("network-or-subprocess", 3), ("write-outside", 3)}
     assert not any(h.line == 2 for h in chits)  # comments do not trip
 

@@ -37,17 +37,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import floor as floor_mod
-from .candidate import Candidate, load_candidate
+from .candidate import Candidate, resolve_candidate
 from .errors import BadInput, KdaError, LockMismatch, NotAvailable
 from .jobs import Cancelled, CancelToken, Lease, executor
 from .store import new_id
 from .workspace import Workspace
 
 SUPPORTED_LANGUAGES = ("python", "triton")
-EVALUATION_STATUSES = ("PASSED", "INCORRECT_SHAPE", "INCORRECT_NUMERICAL", "INCORRECT_DTYPE", "RUNTIME_ERROR",
-                       "COMPILE_ERROR", "TIMEOUT")
-OUR_STATUSES = ("INPUT_MUTATED", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "SANDBOX_VIOLATION")
-# Most severe first: the run's status is the most severe of its workloads'.
+# flashinfer-bench's EvaluationStatus values and ours, most severe first: the run's status is the
+# most severe of its workloads'.
 SEVERITY = ("SANDBOX_VIOLATION", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "INPUT_MUTATED", "COMPILE_ERROR",
             "RUNTIME_ERROR", "TIMEOUT", "INCORRECT_SHAPE", "INCORRECT_DTYPE", "INCORRECT_NUMERICAL", "PASSED")
 MAX_RESTARTS = 2
@@ -123,16 +121,8 @@ def select_workloads(definition: dict[str, Any], workloads: list[dict[str, Any]]
     raise BadInput(f"workloads {spec!r}: use 'all', 'sample:N' or a list of workload uuids")
 
 
-def resolve_candidate(ws: Workspace, path: str | None, candidate: str | None) -> Candidate:
-    if bool(path) == bool(candidate):
-        raise BadInput("name exactly one of `path` (a directory under work/) or `candidate` (a recorded candidate id)")
-    if candidate:
-        try:
-            from . import candidates_db  # type: ignore[attr-defined]  # the candidate DAG, when present
-        except ImportError:
-            raise NotAvailable("recorded candidate ids are not available in this build; pass path='work/<dir>'") from None
-        return candidates_db.load_recorded(ws, candidate)  # pragma: no cover - provided by the DAG module
-    cand = load_candidate(ws, path)  # type: ignore[arg-type]
+def benchmarkable_candidate(ws: Workspace, path: str | None, candidate: str | None) -> Candidate:
+    cand = resolve_candidate(ws, path, candidate)
     if cand.spec.language not in SUPPORTED_LANGUAGES:
         raise NotAvailable(
             f"{cand.path}: language {cand.spec.language!r} cannot be benchmarked yet; supported: "
@@ -145,7 +135,7 @@ def prepare(ws: Workspace, path: str | None, candidate: str | None, workloads: s
     """Validate everything that can be validated before any process starts (nothing is written)."""
     if mode not in ("quick", "full"):
         raise BadInput(f"mode {mode!r}: use 'quick' or 'full'")
-    cand = resolve_candidate(ws, path, candidate)
+    cand = benchmarkable_candidate(ws, path, candidate)
     chosen, label = select_workloads(ws.definition(), ws.workloads(), workloads)
     base = ws.baseline_solution()
     if base is not None and base["spec"]["language"] not in SUPPORTED_LANGUAGES:
@@ -422,7 +412,7 @@ class BenchRun:
             write_solution_sources(self.baseline, self.ref_dir / "baseline_src")
 
     def _job(self, role: str, cwd: Path, lease: Lease, language: str) -> Any:
-        from kda.sandbox.runner import Job, Limits, sandbox_pythonpath
+        from kda.sandbox.runner import Job, sandbox_pythonpath
 
         sb = self.pol.sandbox
         env = dict(lease.env)
@@ -440,8 +430,7 @@ class BenchRun:
         return Job(argv=[sys.executable, "-m", "kda.sandbox.bench_worker", "--role", role, "--device", device],
                    cwd=cwd, ro_paths=ro, hide_paths=hide, env=env, gpu=lease.kind == "cuda",
                    wall_timeout_s=float(sb.wall_timeout_s),
-                   limits=Limits(cpu_seconds=sb.cpu_seconds, max_processes=sb.max_processes,
-                                 max_file_bytes=sb.max_file_bytes, max_open_files=sb.max_open_files))
+                   limits=sb.limits())
 
     def _start(self, role: str, lease: Lease) -> WorkerClient:
         if role == "trusted":
@@ -550,7 +539,6 @@ class BenchRun:
             rep = self._load_candidate()
             self.global_alerts += self.cand.take_alerts()
             self.notes += self.cand.take_notes()
-            self.import_s = rep.get("import_s")
             return None
         except WorkerFailure as e:
             st = "COMPILE_ERROR" if e.status in ("COMPILE_ERROR", "RUNTIME_ERROR") and e.check in ("load",) else e.status
@@ -840,7 +828,7 @@ class BenchRun:
         flags = sorted({n for r in rows for n in r.get("notes", []) if not n.startswith("traceback")}
                        | {n for n in self.notes if not n.startswith("candidate load traceback")})
         cand = self.req.candidate
-        flags += tripwire_flags(cand, self.definition)
+        flags += tripwire_flags(cand)
         return {
             "kind": self.req.kind, "status": status, "device": device_label, "mode": self.req.mode,
             "candidate_path": cand.path, "candidate_hash": cand.content_hash, "language": cand.spec.language,
@@ -869,14 +857,12 @@ class BenchRun:
         return self.run_id, record
 
 
-def tripwire_flags(cand: Candidate, definition: dict[str, Any]) -> list[str]:
+def tripwire_flags(cand: Candidate) -> list[str]:
     """The compile helper's static tripwires on the candidate's sources (warnings, not verdicts)."""
+    from .tripwires import scan_candidate
+
     try:
-        from .tripwires import dedupe, scan_candidate
-    except ImportError:
-        return []
-    try:
-        return [f"tripwire {t}" for t in dedupe(scan_candidate(cand.sources, cand.spec.language, cand.path, definition))]
+        return [f"tripwire {t}" for t in scan_candidate(cand.sources, cand.spec.language, cand.path)]
     except Exception as e:  # a scanner bug must not sink a measurement
         return [f"tripwire scan failed: {type(e).__name__}: {e}"]
 

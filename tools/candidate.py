@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BadInput, PathRefused
+from .errors import BadInput, NotAvailable, PathRefused
 from .store import canonical_json
 from .workspace import Workspace
 
@@ -138,3 +138,15 @@ def load_candidate(ws: Workspace, rel_dir: str) -> Candidate:
         canonical_json({"spec": spec.model_dump(), "sources": sorted(sources.items())}).encode()
     ).hexdigest()
     return Candidate(path=rel, spec=spec, sources=sources, content_hash=digest)
+
+
+def resolve_candidate(ws: Workspace, path: Optional[str], candidate: Optional[str]) -> Candidate:
+    """The candidate a tool call names: `path` (a directory under work/) or `candidate` (an id)."""
+    if bool(path) == bool(candidate):
+        raise BadInput("give exactly one of `path` (a candidate directory under work/) or `candidate` (an id)")
+    rel = path or candidate
+    assert rel is not None
+    if not rel.startswith("work/") and not path:
+        raise NotAvailable(f"no recorded candidate {candidate!r}: recorded candidate ids need the candidate "
+                           "registry, which this build does not have yet; pass path='work/<dir>'")
+    return load_candidate(ws, rel)

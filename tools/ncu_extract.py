@@ -107,7 +107,6 @@ PER_PC_MEMORY = {
 STALL_PREFIX = "smsp__pcsamp_warps_issue_stalled_"
 WARP_STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 WARP_STALL_SUFFIX = "_per_issue_active.ratio"
-PM_PREFIXES = ("TPC.", "FBSP.", "FE_B.", "LTS.", "SM_A.", "SM_B.", "SM_C.", "GPC_B.", "pmsampling:")
 PM_SERIES = {
     "sm_inst": "TPC.TriageCompute.sm__inst_executed_realtime.avg.pct_of_peak_sustained_elapsed",
     "dram": "FBSP.TriageCompute.dramc__throughput.avg.pct_of_peak_sustained_elapsed",

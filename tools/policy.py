@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -84,6 +84,13 @@ class SandboxPolicy(_Strict):
     max_file_bytes: int = Field(gt=0)
     max_open_files: int = Field(gt=16)
     wall_timeout_s: float = Field(gt=0)
+
+    def limits(self) -> Any:
+        """The sandbox runner's resource limits for one job (`kda.sandbox.runner.Limits`)."""
+        from kda.sandbox.runner import Limits
+
+        return Limits(cpu_seconds=self.cpu_seconds, max_processes=self.max_processes,
+                      max_file_bytes=self.max_file_bytes, max_open_files=self.max_open_files)
 
 
 class BenchmarkPolicy(_Strict):

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .candidate import Candidate, load_candidate
+from .candidate import Candidate, resolve_candidate
 from .errors import BadInput, KdaError, NotAvailable
 from .jobs import CancelToken, executor
 from .ncu_extract import EXIT_NO_MODULE
@@ -269,25 +269,6 @@ def default_workload(ws: Workspace, cand: Candidate) -> tuple[dict[str, Any], st
     return w, "no benchmark of this candidate yet: the largest workload"
 
 
-def resolve_candidate(ws: Workspace, path: Optional[str], candidate: Optional[str]) -> Candidate:
-    if bool(path) == bool(candidate):
-        raise BadInput("give exactly one of `path` (a candidate directory under work/) or `candidate` (an id)")
-    if path:
-        return load_candidate(ws, path)
-    assert candidate is not None
-    if candidate.startswith("work/"):
-        return load_candidate(ws, candidate)
-    with ws.store.connect() as db:
-        has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='candidates'").fetchone()
-        row = db.execute("SELECT * FROM candidates WHERE id = ?", (candidate,)).fetchone() if has_table else None
-    if row is None:
-        raise BadInput(f"no recorded candidate {candidate!r}; pass `path` with its directory under work/")
-    rel = dict(row).get("path")
-    if not rel:
-        raise BadInput(f"recorded candidate {candidate!r} has no directory to profile")
-    return load_candidate(ws, rel)
-
-
 def prepare_job(ws: Workspace, cand: Candidate, workload: dict[str, Any], exe: str) -> tuple[Path, Path, Path, list[str]]:
     """A fresh job dir holding a copy of the candidate and the target's spec, and the ncu argv.
     (benchmarks/profile.py runs the same argv by hand to measure the tool's overhead.)"""
@@ -311,7 +292,7 @@ def prepare_job(ws: Workspace, cand: Candidate, workload: dict[str, Any], exe: s
 def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: str,
             timeout_s: Optional[float] = None) -> dict[str, Any]:
     """Run ncu on one call of the candidate; store report + run; return the run id and summary."""
-    from kda.sandbox.runner import Job, Limits, run_job  # noqa: PLC0415 - the sandbox loads lazily
+    from kda.sandbox.runner import Job, run_job  # noqa: PLC0415 - the sandbox loads lazily
 
     if workload_uuid:
         match = [w for w in ws.workloads() if w["uuid"] == workload_uuid]
@@ -334,8 +315,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
         with executor().lease(None, CancelToken()) as lease:
             job = Job(argv=argv, cwd=job_dir, ro_paths=[ws.task_dir], hide_paths=[ws.root], gpu=True,
                       keep_privileges=True, wall_timeout_s=timeout, env=dict(lease.env),
-                      limits=Limits(cpu_seconds=pol.cpu_seconds, max_processes=pol.max_processes,
-                                    max_file_bytes=pol.max_file_bytes, max_open_files=pol.max_open_files))
+                      limits=pol.limits())
             t0 = time.monotonic()
             res = run_job(job, require_isolation=pol.require_isolation)
             collect_s = time.monotonic() - t0

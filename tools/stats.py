@@ -30,9 +30,6 @@ class Interval:
     def overlaps(self, other: "Interval") -> bool:
         return self.lo <= other.hi and other.lo <= self.hi
 
-    def contains(self, x: float) -> bool:
-        return self.lo <= x <= self.hi
-
 
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)

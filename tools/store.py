@@ -129,9 +129,6 @@ class Store:
             )
         return sha
 
-    def put_blob_file(self, src: Path, media_type: str = "application/octet-stream") -> str:
-        return self.put_blob(Path(src).read_bytes(), media_type)
-
     def get_blob(self, sha: str) -> bytes:
         path = self.blob_path(sha)
         if not path.exists():

@@ -17,13 +17,11 @@ NETWORK_OR_PROCESS = {"socket", "subprocess", "urllib", "http", "requests", "htt
                       "telnetlib", "asyncio.subprocess", "pty", "multiprocessing.connection", "paramiko"}
 THREADING = {"threading", "multiprocessing", "concurrent", "_thread"}
 INTROSPECTION = {"gc", "ctypes", "inspect", "sys._getframe", "importlib", "builtins", "cffi", "pickle", "marshal"}
-PATCHABLE_ROOTS = {"torch", "time", "triton", "tl", "F", "np", "numpy", "flashinfer_bench", "builtins", "sys", "os"}
 TORCH_FALLBACK_ATTRS = {
     "matmul", "mm", "bmm", "addmm", "einsum", "softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm",
     "conv1d", "conv2d", "linear", "scaled_dot_product_attention", "baddbmm", "tensordot", "rsqrt", "sum", "mean",
     "var", "norm", "exp", "topk", "sort", "cumsum", "silu", "gelu", "relu", "sigmoid", "tanh", "square", "pow",
 }
-TIME_FUNCS = {"time", "perf_counter", "monotonic", "process_time", "sleep", "time_ns", "perf_counter_ns"}
 
 
 class Tripwire(BaseModel):
@@ -52,8 +50,8 @@ def _root(mod: str) -> str:
 
 
 class _PyScan(ast.NodeVisitor):
-    def __init__(self, file: str, language: str, reference_names: set[str]):
-        self.file, self.language, self.ref_names = file, language, reference_names
+    def __init__(self, file: str, language: str):
+        self.file, self.language = file, language
         self.hits: list[Tripwire] = []
         self.aliases: dict[str, str] = {}  # local name -> module dotted path
 
@@ -120,8 +118,6 @@ class _PyScan(ast.NodeVisitor):
                 self.hit(node, "network-or-subprocess", f"calls {full}")
             if full in ("eval", "exec", "compile", "__import__"):
                 self.hit(node, "dynamic-code", f"calls {full}(): hides what runs from this scan")
-            if parts[-1] in self.ref_names and parts[0] not in ("torch", "triton", "tl"):
-                pass  # name clash with the reference's function names is too common to flag by itself
         self.generic_visit(node)
 
     def _check_store_target(self, target: ast.AST) -> None:
@@ -158,23 +154,12 @@ class _PyScan(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def reference_names(definition: dict | None) -> set[str]:
-    """Top-level function names of the task's reference code (calls to them are suspicious)."""
-    if not definition or not definition.get("reference"):
-        return set()
-    try:
-        tree = ast.parse(definition["reference"])
-    except SyntaxError:
-        return set()
-    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name != "run"}
-
-
-def scan_python(file: str, text: str, language: str, ref_names: set[str] | None = None) -> list[Tripwire]:
+def scan_python(file: str, text: str, language: str) -> list[Tripwire]:
     try:
         tree = ast.parse(text, filename=file)
     except SyntaxError:
         return []  # the compile/import check reports syntax errors with their own diagnostic
-    s = _PyScan(file, language, ref_names or set())
+    s = _PyScan(file, language)
     s.visit(tree)
     return s.hits
 
@@ -220,18 +205,16 @@ def scan_c(file: str, text: str) -> list[Tripwire]:
 C_SUFFIXES = {".cu", ".cuh", ".cpp", ".cc", ".c", ".h", ".hpp"}
 
 
-def scan_candidate(sources: dict[str, str], language: str, rel_dir: str,
-                   definition: dict | None = None) -> list[Tripwire]:
-    """Every tripwire in a candidate, with workspace-relative file paths."""
-    refs = reference_names(definition)
+def scan_candidate(sources: dict[str, str], language: str, rel_dir: str) -> list[Tripwire]:
+    """Every tripwire in a candidate, once each, with workspace-relative file paths."""
     out: list[Tripwire] = []
     for rel, text in sorted(sources.items()):
         path = f"{rel_dir}/{rel}"
         if rel.endswith(".py"):
-            out += scan_python(path, text, language, refs)
+            out += scan_python(path, text, language)
         elif any(rel.endswith(s) for s in C_SUFFIXES):
             out += scan_c(path, text)
-    return out
+    return dedupe(out)
 
 
 def dedupe(hits: Iterable[Tripwire]) -> list[Tripwire]:

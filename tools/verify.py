@@ -49,7 +49,7 @@ def pack_solution(ws: Workspace, cand: Any) -> dict[str, Any]:
 def _official(ws: Workspace, sol: dict[str, Any], workloads: list[dict[str, Any]], cancel: CancelToken,
               progress: Callable[[float, float | None, str], None]) -> dict[str, Any]:
     """Run flashinfer-bench's Benchmark (isolated runner) in our sandbox on a leased GPU."""
-    from kda.sandbox.runner import Job, Limits, run_job, sandbox_pythonpath
+    from kda.sandbox.runner import Job, run_job, sandbox_pythonpath
 
     pool = executor()
     if not pool.has_gpu:
@@ -71,8 +71,7 @@ def _official(ws: Workspace, sol: dict[str, Any], workloads: list[dict[str, Any]
                       ro_paths=[*sandbox_pythonpath(), ws.task_dir], hide_paths=[ws.kda_dir, ws.work_dir],
                       env={**lease.env, "FIB_CACHE_PATH": str(work / "fib-cache")}, gpu=True,
                       wall_timeout_s=min(float(sb.wall_timeout_s), OFFICIAL_TIMEOUT_S),
-                      limits=Limits(cpu_seconds=sb.cpu_seconds, max_processes=sb.max_processes,
-                                    max_file_bytes=sb.max_file_bytes, max_open_files=sb.max_open_files))
+                      limits=sb.limits())
             res = run_job(job, require_isolation=sb.require_isolation)
         out_file = work / "results.json"
         if not out_file.is_file():
@@ -87,6 +86,8 @@ def _official(ws: Workspace, sol: dict[str, Any], workloads: list[dict[str, Any]
 
 def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any]) -> dict[str, Any]:
     """Compare with the writer's latest benchmark of the same content hash on the same device."""
+    from .stats import Interval  # numpy: loaded only when a verify runs
+
     runs = [r for r in ws.store.list_runs(kind="benchmark", candidate_hash=integrity["candidate_hash"], limit=50)
             if r["device"] == integrity["device"]]
     if not runs:
@@ -119,7 +120,7 @@ def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any
             # Triton's interpreter drift far more than a GPU's).
             tol = 0.25 if integrity.get("device") == "cpu" else 0.05
             diff_pct = 100.0 * abs(ours["candidate_us"] - theirs["candidate_us"]) / theirs["candidate_us"]
-            lat_ok = (a[0] <= b[1] and b[0] <= a[1]) or diff_pct <= 100.0 * tol
+            lat_ok = Interval(0.0, *a).overlaps(Interval(0.0, *b)) or diff_pct <= 100.0 * tol
         off = official_by.get(ours["uuid"])
         off_ok = None if off is None else ((off["status"] == "PASSED") == (theirs["status"] == "PASSED"))
         agrees = status_ok and lat_ok is not False and off_ok is not False
@@ -128,7 +129,7 @@ def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any
                      "official_status": off["status"] if off else None,
                      "writer_candidate_ci_us": theirs.get("candidate_ci_us"),
                      "verify_candidate_ci_us": ours.get("candidate_ci_us"),
-                     "official_latency_us": (off.get("latency_ms") or 0) * 1e3 if off and off.get("latency_ms") else None,
+                     "official_latency_us": off["latency_ms"] * 1e3 if off and off.get("latency_ms") else None,
                      "latency_diff_pct": diff_pct, "latencies_agree": lat_ok, "agrees": agrees})
     if not compared:
         return {"writer_run_id": writer_id, "agrees": None, "reason": "no workload in common", "workloads": []}
