@@ -126,6 +126,7 @@ class _Guard:
 
     WRITE_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                     "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
+    SOURCE_READ_EVENTS = {"shutil.copyfile", "os.link", "os.symlink"}
 
     def __init__(self, protected: list[str], reference_files: list[str]):
         self.protected = [os.path.abspath(p) for p in protected]
@@ -176,7 +177,8 @@ class _Guard:
                     if p in self.reference_files:
                         NOTES.append(f"the candidate read {p} (the task definition with the reference code)")
             elif event in self.WRITE_EVENTS:
-                for a in args[:2]:
+                # A copy or a link only writes its destination; a rename or a move changes both ends.
+                for a in (args[1:2] if event in self.SOURCE_READ_EVENTS else args[:2]):
                     hit = self._hit(a) if isinstance(a, (str, bytes, os.PathLike)) else None
                     if hit:
                         ALERTS.add("SANDBOX_VIOLATION", "protected_write",

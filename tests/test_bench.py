@@ -504,6 +504,26 @@ async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
     assert out["status"] == "PASSED", out
 
 
+
+@pytest.mark.anyio
+async def test_copying_from_a_protected_file_is_a_read_not_a_write(workspace):
+    """shutil.copyfile out of task/ only writes its destination: noted as a read, not a violation."""
+    code = (
+        "import shutil\n"
+        "from pathlib import Path\n"
+        "src = next(p / 'task' / 'definition.json' for p in Path.cwd().parents if (p / 'task').is_dir())\n"
+        "shutil.copyfile(src, 'copy.json')\n"
+        "def run(hidden_states, weight, output):\n"
+        "    x = hidden_states.float()\n"
+        "    y = x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * weight.float()\n"
+        "    output.copy_(y.to(output.dtype))\n"
+    )
+    path = _write_candidate(workspace, "copier", code)
+    async with mcp_client(workspace, "writer") as client:
+        out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
+    assert out["status"] == "PASSED", out["workloads"][0]
+    assert any("definition.json" in f for f in out["flags"]), out["flags"]
+
 def test_a_finished_job_read_by_another_process_returns_its_record(workspace):
     """job_status from a server process that did not run the job reads the result from the store."""
     from kda.tools import jobs
