@@ -26,11 +26,9 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, Field
-
-from kda.sandbox.runner import Job, JobResult, Limits, run_job
 
 from .candidate import Candidate, load_candidate
 from .errors import BadInput, NotAvailable
@@ -39,6 +37,9 @@ from .sass import (KernelResources, SassCensus, census_sass, demangle, disassemb
 from .store import canonical_json, new_id
 from .tripwires import Tripwire, scan_candidate
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from kda.sandbox.runner import JobResult, Limits
 
 RECORD_VERSION = 1  # bump when the record layout changes: old cache entries stop matching
 
@@ -275,6 +276,8 @@ def _job_limits(ws: Workspace) -> tuple[Limits, float, bool]:
 
 
 def _sandbox_job(ws: Workspace, cand_dir: Path, job_dir: Path, argv: list[str], env: dict[str, str]) -> JobResult:
+    from kda.sandbox.runner import Job, run_job  # loaded on the first build, not at server start
+
     limits, wall, require = _job_limits(ws)
     job = Job(argv=argv, cwd=job_dir, ro_paths=[cand_dir], hide_paths=[ws.kda_dir, ws.work_dir], env=env,
               wall_timeout_s=wall, limits=limits, tail_bytes=256 * 1024)
