@@ -485,6 +485,14 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     assert gpu._analyze(_state(small, [10.0] * 50, [9.0] * 50, warmup=naps[:1]), bw)["status"] == "PASSED"
 
 
+# The body of a correct RMSNorm, for candidates that test something other than the arithmetic.
+RMS_LINES = (
+    "    x = hidden_states.float()\n"
+    "    y = x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * weight.float()\n"
+    "    output.copy_(y.to(output.dtype))\n"
+)
+
+
 @pytest.mark.anyio
 async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
     """Compilers cache under HOME (the worker's job dir, inside .kda/jobs/): not a violation."""
@@ -494,15 +502,12 @@ async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
         "    d = os.path.join(os.path.expanduser('~'), '.cache', 'kernels')\n"
         "    os.makedirs(d, exist_ok=True)\n"
         "    open(os.path.join(d, 'entry'), 'w').write('x')\n"
-        "    x = hidden_states.float()\n"
-        "    y = x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * weight.float()\n"
-        "    output.copy_(y.to(output.dtype))\n"
+        + RMS_LINES
     )
     path = _write_candidate(workspace, "caching", code)
     async with mcp_client(workspace, "writer") as client:
         out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
     assert out["status"] == "PASSED", out
-
 
 
 @pytest.mark.anyio
@@ -514,15 +519,14 @@ async def test_copying_from_a_protected_file_is_a_read_not_a_write(workspace):
         "src = next(p / 'task' / 'definition.json' for p in Path.cwd().parents if (p / 'task').is_dir())\n"
         "shutil.copyfile(src, 'copy.json')\n"
         "def run(hidden_states, weight, output):\n"
-        "    x = hidden_states.float()\n"
-        "    y = x * (x.square().mean(-1, keepdim=True) + 1e-5).rsqrt() * weight.float()\n"
-        "    output.copy_(y.to(output.dtype))\n"
+        + RMS_LINES
     )
     path = _write_candidate(workspace, "copier", code)
     async with mcp_client(workspace, "writer") as client:
         out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
     assert out["status"] == "PASSED", out["workloads"][0]
     assert any("definition.json" in f for f in out["flags"]), out["flags"]
+
 
 def test_a_finished_job_read_by_another_process_returns_its_record(workspace):
     """job_status from a server process that did not run the job reads the result from the store."""
