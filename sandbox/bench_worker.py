@@ -751,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         if op == "exit":
             _reply({"id": rid, "ok": True})
             return 0
+        t_op = _perf()
         try:
             if op not in ops:
                 raise ValueError(f"unknown op {op!r}")
@@ -766,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "evidence": f"{type(e).__name__}: {str(e)[:800]}",
                                                      "traceback": traceback.format_exc()[-4000:],
                                                      "fatal": _is_fatal(e)}}
+        rep["op_s"] = _perf() - t_op
         rep["alerts"] = ALERTS.drain()
         if NOTES:
             rep["notes"] = list(NOTES)

@@ -166,6 +166,7 @@ class WorkerClient:
         self.next_id = 1
         self.alerts: list[dict] = []
         self.notes: list[str] = []
+        self.op_s: dict[str, float] = {}  # time spent inside the worker, by op (where a run's time goes)
         threading.Thread(target=self._read_out, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
         self._unhook = cancel.on_cancel(self.kill)
@@ -251,6 +252,10 @@ class WorkerClient:
         return rep.get("env", {})
 
     def request(self, op: str, timeout: float, **params: Any) -> dict:
+        return self.receive(self.send(op, **params), timeout, op)
+
+    def send(self, op: str, **params: Any) -> int:
+        """Send a request without waiting (the worker answers requests in order); `receive` waits."""
         rid = self.next_id
         self.next_id += 1
         data = (json.dumps({"id": rid, "op": op, **params}) + "\n").encode()
@@ -259,7 +264,12 @@ class WorkerClient:
             self.proc.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError):
             pass  # the reader reports the death with its reason
+        return rid
+
+    def receive(self, rid: int, timeout: float, op: str) -> dict:
         rep = self._wait_reply(rid, timeout, op)
+        if isinstance(rep.get("op_s"), (int, float)):
+            self.op_s[op] = self.op_s.get(op, 0.0) + float(rep["op_s"])
         if not rep.get("ok"):
             err = rep.get("error") or {}
             raise WorkerFailure(err.get("status", "RUNTIME_ERROR"), err.get("check", op),
@@ -517,17 +527,22 @@ class BenchRun:
                 st.clean = r["lat_us"]
                 self.trusted.request("release", 60, key=key)
         self.progress(0, total, f"baseline timed alone on {total} workload(s); loading the candidate")
-        # Phase 2: the candidate.
+        # Phase 2: the candidate. Correctness on every workload first (the trusted worker checks
+        # one workload while the candidate's runs the next one's trials), then timing.
         with self.phase("candidate_load"):
             compile_error = self._try_load()
-        for i, st in enumerate(self.states):
-            self.cancel.check()
-            if compile_error:
+        if compile_error:
+            for st in self.states:
                 st.fail(compile_error.status, compile_error.check, compile_error.evidence)
-            else:
-                self._workload(st, s)
-            self.progress(i + 1, total, f"{st.wl['uuid'][:8]} {self._axes(st.wl)}: {st.status}"
-                          + (f" ({st.evidence[:120]})" if st.status != "PASSED" else ""))
+        else:
+            with self.phase("correctness"):
+                self._correctness(s, total)
+            for i, st in enumerate(self.states):
+                self.cancel.check()
+                if st.status == "PASSED":
+                    self._timing(st, s)
+                self.progress(i + 1, total, f"{st.wl['uuid'][:8]} {self._axes(st.wl)}: {st.status}"
+                              + (f" ({st.evidence[:120]})" if st.status != "PASSED" else ""))
         env_end = gpu_snapshot(lease)
         return self._finish(lease, t_env, c_env, env_start, env_end, bw)
 
@@ -584,39 +599,87 @@ class BenchRun:
         st.notes += self.cand.take_notes()
         self.trusted.take_alerts()
 
-    def _workload(self, st: WorkloadState, s: Settings) -> None:
+    def _correctness(self, s: Settings, total: int) -> None:
+        """Trials on every workload. The candidate's worker runs workload i's trials while the
+        trusted worker checks workload i-1's results (neither is timed here, so they may overlap)."""
+        pending: tuple[WorkloadState, list[int], Path] | None = None
+        for i, st in enumerate(self.states):
+            self.cancel.check()
+            for a in self.global_alerts:
+                st.fail(a["status"], a["check"], a["evidence"])
+            if not self._ensure_candidate(st):
+                continue
+            cand = self.cand
+            assert cand is not None
+            seeds = [self.seed(st.wl["uuid"], "trial", t) for t in range(s.trials)]
+            x = self._exchange()
+            io_s = 2.0 * s.trials * (1 + floor_mod.min_bytes(self.definition, st.wl) / 50e6)
+            rid = cand.send("trial", workload=st.wl, seeds=seeds, file=str(x),
+                            census=self.req.candidate.spec.language != "python")
+            if pending:
+                self._check_trials(*pending)
+                pending = None
+            try:
+                rep = cand.receive(rid, self.call_timeout + 5 + io_s, "trial")
+            except WorkerFailure as e:
+                self._candidate_failed(st, e)
+                x.unlink(missing_ok=True)
+                continue
+            if rep.get("census"):
+                st.notes.append("the call ran torch compute ops (a torch fallback?): "
+                                + ", ".join(f"aten.{k} x{v}" for k, v in sorted(rep["census"].items())))
+            self._collect(st)
+            if st.status == "PASSED":
+                pending = (st, seeds, x)
+            else:
+                x.unlink(missing_ok=True)
+            self.progress(0, total, f"trials of {i + 1}/{total} workload(s) run")
+        if pending:
+            self._check_trials(*pending)
+
+    def _check_trials(self, st: WorkloadState, seeds: list[int], x: Path) -> None:
+        assert self.trusted is not None
+        pol = self.pol.correctness
+        try:
+            chk = self.trusted.request("check", 300, workload=st.wl, seeds=seeds, file=str(x), atol=pol.atol,
+                                       rtol=pol.rtol, ratio=pol.required_matched_ratio, label="trial")
+        except WorkerFailure as e:
+            if not self.trusted.alive():
+                raise KdaError(f"the trusted worker died: {e.evidence}") from None
+            st.fail(e.status, e.check, e.evidence)
+            return
+        finally:
+            x.unlink(missing_ok=True)
+        self.trusted.take_alerts()
+        st.correctness = {k: chk.get(k) for k in ("max_abs", "max_rel", "matched_ratio")}
+        st.correctness["trials"] = len(seeds)
+        if chk["status"] != "PASSED":
+            st.fail(chk["status"], chk.get("check"), chk.get("evidence", ""))
+
+    def _candidate_failed(self, st: WorkloadState, e: WorkerFailure) -> None:
+        cand = self.cand
+        assert cand is not None
+        self.cancel.check()
+        if e.dead or not cand.alive():
+            cand.kill()
+        if e.traceback:
+            st.notes.append("traceback:\n" + e.traceback[-2000:])
+        if cand.alive():
+            self._collect(st)
+        st.fail(e.status, e.check, e.evidence)
+        if self.trusted is not None and not self.trusted.alive():
+            raise KdaError(f"the trusted worker died: {e.evidence}") from None
+
+    def _timing(self, st: WorkloadState, s: Settings) -> None:
+        """Baseline and candidate take turns in blocks on one workload; timed outputs checked."""
         assert self.trusted is not None
         key = st.wl["uuid"]
-        for a in self.global_alerts:
-            st.fail(a["status"], a["check"], a["evidence"])
         if not self._ensure_candidate(st):
             return
         cand = self.cand
         assert cand is not None
         pol = self.pol.correctness
         try:
-            # Correctness trials.
-            seeds = [self.seed(key, "trial", t) for t in range(s.trials)]
-            x = self._exchange()
-            io_s = 2.0 * s.trials * (1 + floor_mod.min_bytes(self.definition, st.wl) / 50e6)
-            with self.phase("trials"):
-                rep = cand.request("trial", self.call_timeout + 5 + io_s, workload=st.wl, seeds=seeds,
-                                   file=str(x), census=self.req.candidate.spec.language != "python")
-            if rep.get("census"):
-                st.notes.append("the call ran torch compute ops (a torch fallback?): "
-                                + ", ".join(f"aten.{k} x{v}" for k, v in sorted(rep["census"].items())))
-            with self.phase("checks"):
-                chk = self.trusted.request("check", 300, workload=st.wl, seeds=seeds, file=str(x), atol=pol.atol,
-                                           rtol=pol.rtol, ratio=pol.required_matched_ratio, label="trial")
-            x.unlink(missing_ok=True)
-            st.correctness = {k: chk.get(k) for k in ("max_abs", "max_rel", "matched_ratio")}
-            st.correctness["trials"] = len(seeds)
-            self._collect(st)
-            if chk["status"] != "PASSED":
-                st.fail(chk["status"], chk.get("check"), chk.get("evidence", ""))
-            if st.status != "PASSED":
-                return
-            # Timing: baseline and candidate take turns.
             with self.phase("prepare"):
                 cand.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
                 self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
@@ -656,7 +719,7 @@ class BenchRun:
                         continue
                     slot = self.rng.randrange(SLOTS)
                     x = self._exchange()
-                    with self.phase("checks"):
+                    with self.phase("timed_checks"):
                         saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
                         chk = self.trusted.request("check", 300, workload=st.wl, seeds=[saved["seed"]], file=str(x),
                                                    atol=pol.atol, rtol=pol.rtol, ratio=pol.required_matched_ratio,
@@ -669,16 +732,7 @@ class BenchRun:
                         return
             self._collect(st)
         except WorkerFailure as e:
-            self.cancel.check()
-            if e.dead or not cand.alive():
-                cand.kill()
-            if e.traceback:
-                st.notes.append("traceback:\n" + e.traceback[-2000:])
-            if cand.alive():
-                self._collect(st)
-            st.fail(e.status, e.check, e.evidence)
-            if self.trusted is not None and not self.trusted.alive():
-                raise KdaError(f"the trusted worker died: {e.evidence}") from None
+            self._candidate_failed(st, e)
         finally:
             # Failed workloads too: the trusted worker lives for the whole run.
             with self.phase("prepare"):
@@ -845,6 +899,8 @@ class BenchRun:
                      "notes": self.notes[-10:]},
             "wall_s": time.time() - self.started,
             "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
+            "worker_ops_s": {w.name: {k: round(v, 3) for k, v in w.op_s.items()}
+                             for w in (self.trusted, self.cand) if w is not None},
         }
 
     def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
