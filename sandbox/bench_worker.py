@@ -40,6 +40,7 @@ _PROTO_FD = os.dup(1)
 os.dup2(2, 1)
 
 import argparse  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -228,6 +229,18 @@ class Slots:
         self.call_us: list[float] = []  # host launch times of the timed calls, for the hold
 
 
+class Parts(dict):
+    """Seconds spent in the named parts of one op (replied as `parts_s`: where a run's time goes)."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = _perf()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + _perf() - t0
+
+
 class Worker:
     def __init__(self, role: str, device_spec: str):
         self.role = role
@@ -247,6 +260,7 @@ class Worker:
         self.holder = None
         self.tracer = None
         self.timing_mode = "host clock" if device_spec == "cpu" else "events"
+        self.staging = exchange.Staging(pinned=self.cuda)  # for results files (allocated on first use)
         self._warm()
 
     # -- setup
@@ -440,10 +454,12 @@ class Worker:
         """Correctness trials (candidate): seeded inputs, poisoned outputs, results to a file."""
         wl = p["workload"]
         records, calls, census = [], [], None
+        part = Parts()
         for i, seed in enumerate(p["seeds"]):
-            inputs = H.make_inputs(self.definition, wl, int(seed), self.device, self.st_cache)
-            outs = H.alloc_outputs(self.definition, wl, self.device, poison=True) if self.callee.dps else None
-            self.sync()
+            with part("inputs"):
+                inputs = H.make_inputs(self.definition, wl, int(seed), self.device, self.st_cache)
+                outs = H.alloc_outputs(self.definition, wl, self.device, poison=True) if self.callee.dps else None
+                self.sync()
             tids0 = H.os_thread_ids()
             t0, c0 = _perf(), _thread_time()
             try:
@@ -458,6 +474,7 @@ class Worker:
                 return {"error": {"status": "RUNTIME_ERROR", "check": "call", "trial": i,
                                   "evidence": f"trial {i}: {type(e).__name__}: {str(e)[:600]}",
                                   "traceback": traceback.format_exc()[-4000:], "fatal": _is_fatal(e)}}
+            part["call"] = part.get("call", 0.0) + _perf() - t0
             new_threads = len(H.new_threads(tids0))
             calls.append({"wall_ms": (_perf() - t0) * 1e3, "cpu_ms": (_thread_time() - c0) * 1e3,
                           "new_threads": new_threads})
@@ -467,19 +484,28 @@ class Worker:
                            "(work finished after the call, outside any timer?)")
             # Outputs are copied now (a later trial's call may reuse the buffers this one returned);
             # inputs travel as digests the checker compares with the pristine inputs it regenerates.
-            records.append({
-                "outputs": [o.detach().to("cpu") if isinstance(o, torch.Tensor) else o for o in result],
-                "inputs": [_json_dumps(H.input_digest(x)) for x in inputs],
-            })
-        _save(records, p["file"])
+            with part("copy"):
+                records.append({
+                    "outputs": [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in result],
+                    "inputs": [_json_dumps(H.input_digest(x)) for x in inputs],
+                })
+        with part("save"):
+            _save(records, p["file"], self.staging)
         self._check_integrity("the correctness trials")
-        return {"calls": calls, "census": census}
+        return {"calls": calls, "census": census, "parts_s": part}
 
     def check(self, p: dict) -> dict:
         """Trusted: compare a file of candidate results against the reference for the same seeds."""
+        part = Parts()
+        out = self._check(p, part)
+        out["parts_s"] = part
+        return out
+
+    def _check(self, p: dict, part: Parts) -> dict:
         wl = p["workload"]
         try:
-            recs = _load(p["file"])
+            with part("load"):
+                recs = _load(p["file"], self.staging)
         except Exception as e:
             return {"status": "RUNTIME_ERROR", "check": "results_file",
                     "evidence": f"the candidate's results file could not be read: {type(e).__name__}: {str(e)[:300]}"}
@@ -493,26 +519,32 @@ class Worker:
         worst = {"status": "PASSED", "check": None, "evidence": "", "max_abs": 0.0, "max_rel": 0.0,
                  "matched_ratio": 1.0}
         for i, (seed, rec) in enumerate(zip(seeds, recs)):
-            pristine = H.make_inputs(self.definition, wl, int(seed), self.device, self.st_cache)
-            ref = self._call(self.reference, wl, [x.clone() if isinstance(x, torch.Tensor) else x for x in pristine], None)
+            with part("inputs"):
+                pristine = H.make_inputs(self.definition, wl, int(seed), self.device, self.st_cache)
+            with part("reference"):
+                ref = self._call(self.reference, wl, [x.clone() if isinstance(x, torch.Tensor) else x for x in pristine],
+                                 None)
+                self.sync()
             label = p.get("label", "trial") + f" {i}"
             if p.get("inputs", True):
                 got_inputs = rec.get("inputs", [])
-                for name, got, want in zip(in_names, got_inputs, pristine):
-                    try:
-                        got = _json_loads(got)
-                    except (TypeError, ValueError):
-                        got = None
-                    bad = H.compare_input_digest(name, got, want)
-                    if bad:
-                        return {"status": "INPUT_MUTATED", "check": "input_mutation", "trial": i,
-                                "evidence": f"{label}: {bad['evidence']}"}
+                with part("compare"):
+                    for name, got, want in zip(in_names, got_inputs, pristine):
+                        try:
+                            got = _json_loads(got)
+                        except (TypeError, ValueError):
+                            got = None
+                        bad = H.compare_input_digest(name, got, want)
+                        if bad:
+                            return {"status": "INPUT_MUTATED", "check": "input_mutation", "trial": i,
+                                    "evidence": f"{label}: {bad['evidence']}"}
             outs = rec.get("outputs", [])
             if len(outs) != len(names):
                 return {"status": "INCORRECT_SHAPE", "check": "outputs", "trial": i,
                         "evidence": f"{label}: {len(outs)} outputs, the definition has {len(names)}"}
             for name, got, want in zip(names, outs, ref):
-                r = H.compare_output(name, got, want, p["atol"], p["rtol"], p["ratio"])
+                with part("compare"):
+                    r = H.compare_output(name, got, want, p["atol"], p["rtol"], p["ratio"])
                 for k in ("max_abs", "max_rel"):
                     if k in r and r[k] == r[k]:
                         worst[k] = max(worst[k], r[k])
@@ -665,7 +697,7 @@ class Worker:
         self.sync()
         now = _checksum(outs)
         changed = [i for i, (a, b) in enumerate(zip(now, sl.sums[s] or [])) if not torch.equal(a, b)]
-        _save([{"outputs": list(outs)}], p["file"])
+        _save([{"outputs": list(outs)}], p["file"], self.staging)
         if changed and self.role == "candidate":
             ALERTS.add("TIMING_TAMPERED", "late_writes",
                        f"output(s) {changed} of a timed iteration changed after the call returned and the device "

@@ -38,23 +38,43 @@ class ExchangeError(ValueError):
     pass
 
 
-def save(records: list[dict[str, list[Any]]], path: str) -> None:
-    """Write records of tensors (any device) and JSON scalars to `path`."""
+class Staging:
+    """One reusable host buffer for a worker's results files. Page-locked on a CUDA worker, so
+    copies to and from the device run at full speed; reused, so its pages are not faulted in again
+    for every file. A file's tensors read through it are views into it: valid until the next load."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.buf: torch.Tensor | None = None
+
+    def get(self, n: int) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = None
+            self.buf = torch.empty(max(n + n // 4, 1 << 20), dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buf[:n]
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def save(records: list[dict[str, list[Any]]], path: str, staging: Staging | None = None) -> None:
+    """Write records of tensors (any device) and JSON scalars to `path`. Device tensors go through
+    `staging` when one is given."""
     metas: list[dict[str, Any]] = []
-    blobs: list[np.ndarray] = []
+    tensors: list[torch.Tensor] = []
     offset = 0
 
     def item(x: Any) -> dict[str, Any]:
         nonlocal offset
         if isinstance(x, torch.Tensor):
-            t = x.detach()
-            name = str(t.dtype).removeprefix("torch.")
+            name = str(x.dtype).removeprefix("torch.")
             if name not in DTYPES:
                 raise ExchangeError(f"dtype {name} cannot be exchanged")
-            raw = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy() if t.numel() else np.empty(0, np.uint8)
-            metas.append({"dtype": name, "shape": list(t.shape), "offset": offset, "nbytes": int(raw.nbytes)})
-            blobs.append(raw)
-            offset += -(-raw.nbytes // _ALIGN) * _ALIGN
+            nbytes = x.numel() * x.element_size()
+            metas.append({"dtype": name, "shape": list(x.shape), "offset": offset, "nbytes": nbytes})
+            tensors.append(x)
+            offset += -(-nbytes // _ALIGN) * _ALIGN
             return {"t": len(metas) - 1}
         if x is None or isinstance(x, (bool, int, float, str)):
             return {"v": x}
@@ -62,17 +82,27 @@ def save(records: list[dict[str, list[Any]]], path: str) -> None:
 
     recs = [{k: [item(x) for x in v] for k, v in r.items()} for r in records]
     head = _json_dumps({"records": recs, "tensors": metas}).encode()
+    on_device = staging is not None and any(t.device.type != "cpu" for t in tensors)
     with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", len(head)) + head)
         base = f.tell()
-        for m, raw in zip(metas, blobs):
-            f.seek(base + m["offset"])
-            f.write(memoryview(raw))
+        if on_device:  # every tensor into the staging buffer, then one write
+            host = staging.get(offset)
+            for m, t in zip(metas, tensors):
+                if m["nbytes"]:
+                    host[m["offset"]: m["offset"] + m["nbytes"]].copy_(_raw(t))
+            f.write(memoryview(host.numpy()))
+        else:
+            for m, t in zip(metas, tensors):
+                if m["nbytes"]:
+                    f.seek(base + m["offset"])
+                    f.write(memoryview(_raw(t).cpu().numpy()))
         f.truncate(base + offset)
 
 
-def load(path: str) -> list[dict[str, list[Any]]]:
-    """Read a file written by `save`; tensors come back on the CPU."""
+def load(path: str, staging: Staging | None = None) -> list[dict[str, list[Any]]]:
+    """Read a file written by `save`; tensors come back on the CPU (views into `staging`, when
+    one is given, read with one call)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
@@ -86,7 +116,17 @@ def load(path: str) -> list[dict[str, list[Any]]]:
         except (ValueError, KeyError, TypeError) as e:
             raise ExchangeError(f"unreadable header: {e}") from None
         base = len(MAGIC) + 8 + n
-        tensors = [_read(f, m, base, size, i) for i, m in enumerate(metas if isinstance(metas, list) else [])]
+        metas = [_meta(m, base, size, i) for i, m in enumerate(metas if isinstance(metas, list) else [])]
+        if staging is not None:
+            end = max((off + nb for _, _, off, nb in metas), default=0)
+            host = staging.get(end)
+            f.seek(base)
+            if end and f.readinto(memoryview(host.numpy())) != end:
+                raise ExchangeError("short read")
+            tensors = [host[off: off + nb].view(dtype).reshape(shape) if nb else torch.empty(shape, dtype=dtype)
+                       for dtype, shape, off, nb in metas]
+        else:
+            tensors = [_read(f, base, *m) for m in metas]
 
     def value(it: Any) -> Any:
         if isinstance(it, dict) and "t" in it and isinstance(it["t"], int) and 0 <= it["t"] < len(tensors):
@@ -105,7 +145,8 @@ def load(path: str) -> list[dict[str, list[Any]]]:
     return out
 
 
-def _read(f: Any, m: Any, base: int, size: int, i: int) -> torch.Tensor:
+def _meta(m: Any, base: int, size: int, i: int) -> tuple[torch.dtype, list[int], int, int]:
+    """A tensor's description, checked against the file: (dtype, shape, offset, nbytes)."""
     try:
         dtype = DTYPES[m["dtype"]]
         shape = [int(s) for s in m["shape"]]
@@ -116,10 +157,14 @@ def _read(f: Any, m: Any, base: int, size: int, i: int) -> torch.Tensor:
         raise ExchangeError(f"tensor {i}: {nbytes} bytes do not fit shape {shape} of {m['dtype']}")
     if off < 0 or base + off + nbytes > size:
         raise ExchangeError(f"tensor {i}: bytes {off}..{off + nbytes} lie outside the file")
+    return dtype, shape, off, nbytes
+
+
+def _read(f: Any, base: int, dtype: torch.dtype, shape: list[int], off: int, nbytes: int) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     buf = np.empty(nbytes, dtype=np.uint8)
     f.seek(base + off)
     if f.readinto(memoryview(buf)) != nbytes:
-        raise ExchangeError(f"tensor {i}: short read")
+        raise ExchangeError("short read")
     return _from_numpy(buf).view(dtype).reshape(shape)

@@ -14,15 +14,23 @@ from kda.sandbox import exchange
 
 
 # --- exchange ------------------------------------------------------------------------------------
-def test_roundtrip_keeps_values_dtypes_and_shapes(tmp_path):
+STAGINGS = ["none", "host", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")])]
+
+
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_roundtrip_keeps_values_dtypes_and_shapes(tmp_path, staging):
     g = torch.Generator().manual_seed(0)
     recs = [{"outputs": [torch.randn(3, 5, generator=g).to(torch.bfloat16), 7],
              "inputs": [torch.randint(-9, 9, (4,), generator=g, dtype=torch.int64), 0.5, None,
                         torch.zeros(0, 4096, dtype=torch.float16), torch.tensor([True, False])]},
             {"outputs": [torch.randn(2, 2, generator=g)[:, 1]], "inputs": []}]  # non-contiguous
+    stage = None if staging == "none" else exchange.Staging(pinned=staging == "cuda")
+    written = recs
+    if staging == "cuda":  # device tensors go to the file through the page-locked buffer
+        written = [{k: [x.cuda() if isinstance(x, torch.Tensor) else x for x in v] for k, v in r.items()} for r in recs]
     f = tmp_path / "x.kdax"
-    exchange.save(recs, str(f))
-    back = exchange.load(str(f))
+    exchange.save(written, str(f), stage)
+    back = exchange.load(str(f), stage)
     assert len(back) == 2
     for want, got in zip(recs, back):
         for k in want:
@@ -50,11 +58,12 @@ def _write_raw(path, header: dict, payload: bytes) -> None:
     ({"records": [{"outputs": [{"v": [1, 2]}]}], "tensors": []}, b"", "bad item"),
     ({"records": "nope", "tensors": []}, b"", "not a list"),
 ])
-def test_a_forged_file_is_refused_with_the_reason(tmp_path, header, payload, reason):
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_forged_file_is_refused_with_the_reason(tmp_path, header, payload, reason, staged):
     f = tmp_path / "bad.kdax"
     _write_raw(f, header, payload)
     with pytest.raises(exchange.ExchangeError, match=reason):
-        exchange.load(str(f))
+        exchange.load(str(f), exchange.Staging(pinned=False) if staged else None)
 
 
 def test_a_file_that_is_not_ours_is_refused(tmp_path):
