@@ -543,3 +543,87 @@ def test_a_finished_job_read_by_another_process_returns_its_record(workspace):
     out = jobs.get_job(workspace, job.id)
     assert out["state"] == "done" and out["result"]["headline"] == "PASSED 1/1"
     assert out["result"]["run_id"] == job.run_id
+
+
+def _wait_for_spare(timeout: float = 240.0):
+    import time
+
+    from kda.tools.bench_workers import spares
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if spares.waiting():
+            return spares.waiting()[0]
+        time.sleep(0.5)
+    raise AssertionError("no spare worker pair became ready")
+
+
+def test_spare_workers_are_fresh_processes_started_ahead_for_the_next_run(workspace, monkeypatch):
+    from kda.tools import bench_workers
+    from kda.tools.jobs import CancelToken, executor
+
+    monkeypatch.setattr(bench_workers, "spares_wanted", lambda ws, lease: True)
+    bench_workers.spares.clear()
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    lease = executor().slots[0]
+    try:
+        req = bench.prepare(workspace, path, None, [BATCH1], "quick", "writer")
+        _, first = bench.run_benchmark(req, lambda *a: None, CancelToken())
+        assert first["status"] == "PASSED" and not any("started ahead" in f for f in first["flags"])
+        first_pids = set(first["env"]["worker_processes"].values())
+        pair = _wait_for_spare()
+        spare_pids = {pair.trusted.proc.pid, pair.cand.proc.pid}
+        assert pair.trusted.alive() and pair.cand.alive() and not spare_pids & first_pids
+        # A pair is bound to its workspace, device and job environment: no other run takes it.
+        assert pair.key == bench_workers.pair_key(workspace, lease, "python", "python")
+        assert bench_workers.spares.take(("elsewhere", *pair.key[1:]), lease, CancelToken()) is None
+
+        req = bench.prepare(workspace, path, None, [BATCH1], "quick", "writer")
+        _, second = bench.run_benchmark(req, lambda *a: None, CancelToken())
+        assert second["status"] == "PASSED", second["headline"]
+        assert any("started ahead" in f for f in second["flags"])
+        # The second run used the spare pair, and closed it after the run.
+        assert set(second["env"]["worker_processes"].values()) == spare_pids
+        assert not pair.trusted.alive() and not pair.cand.alive()
+        assert second["phases_s"]["workers_start"] < first["phases_s"]["workers_start"]
+        nxt = _wait_for_spare()
+        assert {nxt.trusted.proc.pid, nxt.cand.proc.pid}.isdisjoint(spare_pids | first_pids)
+    finally:
+        bench_workers.spares.clear()
+
+
+def test_kept_kernel_cache_is_regular_files_of_one_content_only(workspace, tmp_path, monkeypatch):
+    from kda.tools import kernel_cache as kc
+
+    job = tmp_path / "job1"
+    cache = job / kc.JOB_CACHE / "ABCD"
+    cache.mkdir(parents=True)
+    (cache / "k.cubin").write_bytes(b"\x7fELF" + b"\0" * 60)
+    (cache / "k.json").write_text("{}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for candidates")
+    (cache / "planted").symlink_to(secret)
+    (job / kc.JOB_CACHE / "dirlink").symlink_to(tmp_path, target_is_directory=True)
+    assert kc.keep(workspace, "candidate-aaa", job) == 2
+    # A run of the same content gets the files back, writable by the job's own uid.
+    job2 = tmp_path / "job2"
+    job2.mkdir()
+    assert kc.restore(workspace, "candidate-aaa", job2) == 2
+    got = sorted(p.relative_to(job2 / kc.JOB_CACHE) for p in (job2 / kc.JOB_CACHE).rglob("*") if p.is_file())
+    assert got == [Path("ABCD/k.cubin"), Path("ABCD/k.json")]
+    assert (job2 / kc.JOB_CACHE / "ABCD" / "k.cubin").stat().st_mode & 0o777 == 0o666
+    assert (job2 / kc.JOB_CACHE / "ABCD").stat().st_mode & 0o777 == 0o777
+    assert not any(p.is_symlink() for p in (job2 / kc.JOB_CACHE).rglob("*"))
+    # Other content gets nothing.
+    job3 = tmp_path / "job3"
+    job3.mkdir()
+    assert kc.restore(workspace, "candidate-bbb", job3) == 0 and not (job3 / kc.JOB_CACHE).exists()
+    # A newer run replaces the kept cache; one over the size cap is not kept.
+    (cache / "k.cubin").unlink()
+    assert kc.keep(workspace, "candidate-aaa", job) == 1
+    monkeypatch.setattr(kc, "MAX_BYTES", 1)
+    (cache / "big.bin").write_bytes(b"x" * 10)
+    assert kc.keep(workspace, "candidate-aaa", job) == 0
+    job4 = tmp_path / "job4"
+    job4.mkdir()
+    assert kc.restore(workspace, "candidate-aaa", job4) == 1

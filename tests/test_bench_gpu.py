@@ -42,7 +42,15 @@ async def test_triton_rmsnorm_on_all_workloads(workspace):
         assert env["worker"]["gpu_name"] and env["worker"]["cuda"]
         assert env["bandwidth"]["bytes_per_s"] > 5e11
         assert "clocks.sm" in env["gpu_start"] or "nvidia_smi" in env["gpu_start"]
-        writer_run = out["run_id"]
+        # The candidate's compiled kernels are kept for the next run of the same content.
+        kept = workspace.kda_dir / "cache" / "triton" / f"candidate-{out['candidate_hash']}"
+        kept_files = sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file())
+        assert any(p.suffix == ".cubin" for p in kept_files), kept_files
+        r = await client.call_tool("benchmark", {"path": "work/v1", "workloads": "sample:2", "wait_s": 600})
+        again = r.structured_content
+        assert again["status"] == "PASSED", r.content[0].text
+        run = await client.call_tool("show_run", {"run_id": again["run_id"]})
+        assert any("compiled kernels from an earlier run" in f for f in run.structured_content["record"]["flags"])
 
     async with mcp_client(workspace, "reviewer") as client:
         r = await client.call_tool("verify", {"path": "work/v1", "workloads": "sample:3", "wait_s": 600})
@@ -51,5 +59,7 @@ async def test_triton_rmsnorm_on_all_workloads(workspace):
         assert v["official_ran"] is True, v["official_reason"]
         assert v["verdict"] == "pass", r.content[0].text
         assert all(w["status"] == "PASSED" for w in v["official"]), v["official"]
-        assert v["agreement"]["writer_run_id"] == writer_run
+        assert v["agreement"]["writer_run_id"] == again["run_id"]  # the writer's latest run of this content
         assert v["agrees_with_writer"] is not None
+    # The reviewer's verify changed nothing but its record: not even the kept kernels.
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file()) == kept_files

@@ -28,18 +28,18 @@ import secrets
 import shutil
 import subprocess
 import sys
-import threading
 import time
-import queue
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import floor as floor_mod
+from . import kernel_cache
+from .bench_workers import RunDirs, WorkerClient, WorkerFailure, WorkerPair, pair_key, spares, start_worker
 from .candidate import Candidate, resolve_candidate
 from .errors import BadInput, KdaError, LockMismatch, NotAvailable
-from .jobs import Cancelled, CancelToken, Lease, executor
+from .jobs import CancelToken, Lease, executor
 from .store import new_id
 from .workspace import Workspace
 
@@ -144,168 +144,6 @@ def prepare(ws: Workspace, path: str | None, candidate: str | None, workloads: s
     return BenchRequest(ws, cand, chosen, label, mode, role, kind)
 
 
-# --- workers ---------------------------------------------------------------------------------------
-class WorkerFailure(Exception):
-    def __init__(self, status: str, check: str, evidence: str, dead: bool = True, traceback: str = ""):
-        super().__init__(evidence)
-        self.status, self.check, self.evidence, self.dead, self.traceback = status, check, evidence, dead, traceback
-
-
-class WorkerClient:
-    """One sandboxed bench worker on pipes: line-JSON requests, replies with alerts."""
-
-    def __init__(self, name: str, job: Any, require_isolation: bool, cancel: CancelToken):
-        from kda.sandbox.runner import spawn
-
-        self.name, self.cancel = name, cancel
-        self.proc = spawn(job, require_isolation=require_isolation, stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.isolation = getattr(self.proc, "isolation", "unknown")
-        self.replies: "queue.Queue[dict | None]" = queue.Queue()
-        self.err_tail = bytearray()
-        self.next_id = 1
-        self.alerts: list[dict] = []
-        self.notes: list[str] = []
-        self.op_s: dict[str, float] = {}  # time spent inside the worker, by op (where a run's time goes)
-        threading.Thread(target=self._read_out, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-        self._unhook = cancel.on_cancel(self.kill)
-
-    def _read_out(self) -> None:
-        for line in iter(self.proc.stdout.readline, b""):  # type: ignore[union-attr]
-            try:
-                self.replies.put(json.loads(line))
-            except ValueError:
-                self.replies.put({"id": None, "garbage": line[:200].decode(errors="replace")})
-        self.replies.put(None)
-
-    def _read_err(self) -> None:
-        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):  # type: ignore[union-attr]
-            self.err_tail += chunk
-            if len(self.err_tail) > 256 * 1024:
-                del self.err_tail[: len(self.err_tail) - 128 * 1024]
-
-    def log_tail(self, n: int = 8000) -> str:
-        return bytes(self.err_tail[-n:]).decode("utf-8", errors="replace")
-
-    def _wait_reply(self, rid: int, timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.cancel.cancelled:
-                self.kill()
-                raise Cancelled("cancelled")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                raise WorkerFailure("TIMEOUT", "timeout", f"{self.name} worker: {what} took longer than {timeout:.0f} s "
-                                    "(killed)")
-            try:
-                rep = self.replies.get(timeout=min(0.25, left))
-            except queue.Empty:
-                continue
-            if rep is None:
-                if self.cancel.cancelled:
-                    raise Cancelled("cancelled")
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:  # it closed its reply channel but lives on
-                    self.kill()
-                    raise WorkerFailure("SANDBOX_VIOLATION", "protocol",
-                                        f"{self.name} worker closed its reply channel during {what} and kept "
-                                        "running: something other than the harness touched it") from None
-                rc = self.proc.returncode
-                reason = self._death_reason(rc)
-                raise WorkerFailure("RUNTIME_ERROR", "worker_died",
-                                    f"{self.name} worker died during {what} ({reason}); stderr: "
-                                    f"{self.log_tail(600).strip()[-600:]}")
-            if rep.get("id") != rid:
-                self.kill()
-                raise WorkerFailure("SANDBOX_VIOLATION", "protocol",
-                                    f"{self.name} worker sent a reply out of turn during {what} (expected id {rid}, "
-                                    f"got {str(rep)[:200]}): something other than the harness wrote to its reply channel")
-            self.alerts += rep.get("alerts", [])
-            self.notes += rep.get("notes", [])
-            return rep
-
-    def _death_reason(self, rc: int | None) -> str:
-        import signal as _sig
-
-        from kda.sandbox.runner import _signal_words
-
-        watch = getattr(self.proc, "_kda_watch", None)
-        if watch is not None and watch.killed_for:
-            return watch.killed_for
-        if rc is None:
-            return "unknown"
-        if rc < 0:
-            return _signal_words(-rc)[1]
-        if rc > 128 and (rc - 128) in _sig.valid_signals():  # bwrap's status for a job killed by a signal
-            return _signal_words(rc - 128)[1]
-        return f"exit status {rc}"
-
-    def ready(self, timeout: float) -> dict:
-        rep = self._wait_reply(0, timeout, "start-up")
-        if not rep.get("ok"):
-            err = rep.get("error", {})
-            raise WorkerFailure("RUNTIME_ERROR", "worker_start", f"{self.name} worker could not start: "
-                                f"{err.get('evidence')}", traceback=err.get("traceback", ""))
-        return rep.get("env", {})
-
-    def request(self, op: str, timeout: float, **params: Any) -> dict:
-        return self.receive(self.send(op, **params), timeout, op)
-
-    def send(self, op: str, **params: Any) -> int:
-        """Send a request without waiting (the worker answers requests in order); `receive` waits."""
-        rid = self.next_id
-        self.next_id += 1
-        data = (json.dumps({"id": rid, "op": op, **params}) + "\n").encode()
-        try:
-            self.proc.stdin.write(data)  # type: ignore[union-attr]
-            self.proc.stdin.flush()  # type: ignore[union-attr]
-        except (BrokenPipeError, OSError):
-            pass  # the reader reports the death with its reason
-        return rid
-
-    def receive(self, rid: int, timeout: float, op: str) -> dict:
-        rep = self._wait_reply(rid, timeout, op)
-        if isinstance(rep.get("op_s"), (int, float)):
-            self.op_s[op] = self.op_s.get(op, 0.0) + float(rep["op_s"])
-        if not rep.get("ok"):
-            err = rep.get("error") or {}
-            raise WorkerFailure(err.get("status", "RUNTIME_ERROR"), err.get("check", op),
-                                err.get("evidence", "unknown error"), dead=bool(err.get("fatal")),
-                                traceback=err.get("traceback", ""))
-        return rep
-
-    def take_alerts(self) -> list[dict]:
-        out, self.alerts = self.alerts, []
-        return out
-
-    def take_notes(self) -> list[str]:
-        out, self.notes = self.notes, []
-        return out
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        from kda.sandbox.runner import kill_tree
-
-        # Also when the worker itself is gone: what it forked may still run in its process group.
-        kill_tree(self.proc)
-
-    def close(self) -> None:
-        try:
-            if self.alive():
-                self.proc.stdin.write(b'{"id": -1, "op": "exit"}\n')  # type: ignore[union-attr]
-                self.proc.stdin.flush()  # type: ignore[union-attr]
-                self.proc.wait(timeout=5)
-        except Exception:
-            pass
-        self.kill()
-        self._unhook()
-
-
 # --- environment -----------------------------------------------------------------------------------
 def gpu_snapshot(lease: Lease) -> dict[str, Any]:
     """nvidia-smi's view of the leased GPU (clocks, temperature, power), or why there is none."""
@@ -383,6 +221,7 @@ class BenchRun:
         self.notes: list[str] = []
         self.trusted: WorkerClient | None = None
         self.cand: WorkerClient | None = None
+        self.spare: WorkerPair | None = None
         self.restarts = 0
         self.n_exchange = 0
         self.started = time.time()
@@ -402,13 +241,9 @@ class BenchRun:
         d = hmac.new(self.secret, "|".join(map(str, parts)).encode(), hashlib.sha256).digest()
         return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
 
-    # -- directories and jobs
-    def _dirs(self) -> None:
-        self.run_dir = self.ws.kda_dir / "jobs" / self.run_id
-        self.ref_dir = self.run_dir / "ref"
-        self.cand_dir = self.run_dir / "cand"
-        for d in (self.ref_dir, self.cand_dir, self.cand_dir / "src", self.cand_dir / "x"):
-            d.mkdir(parents=True, exist_ok=True)
+    # -- directories and workers
+    def _fill_dirs(self, dirs: RunDirs) -> None:
+        self.dirs, self.run_dir, self.ref_dir, self.cand_dir = dirs, dirs.root, dirs.ref, dirs.cand
         (self.ref_dir / "definition.json").write_text(json.dumps(self.definition))
         public = {k: v for k, v in self.definition.items() if k != "reference"}
         (self.cand_dir / "definition.json").write_text(json.dumps(public))
@@ -416,39 +251,25 @@ class BenchRun:
             target = (self.cand_dir / "src" / rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        self.baseline = self.ws.baseline_solution()
         if self.baseline is not None:
             from kda.sandbox.harness import write_solution_sources
             write_solution_sources(self.baseline, self.ref_dir / "baseline_src")
 
-    def _job(self, role: str, cwd: Path, lease: Lease, language: str) -> Any:
-        from kda.sandbox.runner import Job, sandbox_pythonpath
+    def _languages(self) -> tuple[str, str]:
+        """The job languages of the trusted worker (the baseline's) and the candidate's worker."""
+        return (self.baseline["spec"]["language"] if self.baseline else "python", self.req.candidate.spec.language)
 
-        sb = self.pol.sandbox
-        env = dict(lease.env)
-        if lease.kind == "cpu" and language == "triton":
-            env["TRITON_INTERPRET"] = "1"
-        env["PYTHONUNBUFFERED"] = "1"
-        if lease.kind == "cpu":
-            # Idle OpenMP threads must sleep, not spin: the two workers take turns on the same cores.
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        ro = [*sandbox_pythonpath(), self.ws.task_dir]
-        if role == "trusted":
-            ro.append(self.cand_dir)
-        hide = [self.ws.kda_dir, self.ws.work_dir]
-        device = "cuda" if lease.kind == "cuda" else "cpu"
-        return Job(argv=[sys.executable, "-m", "kda.sandbox.bench_worker", "--role", role, "--device", device],
-                   cwd=cwd, ro_paths=ro, hide_paths=hide, env=env, gpu=lease.kind == "cuda",
-                   wall_timeout_s=float(sb.wall_timeout_s),
-                   limits=sb.limits())
+    def _cache_keys(self) -> list[tuple[str, Path]]:
+        """Which kept Triton cache each worker's job directory gets: its content's (kernel_cache)."""
+        keys = [(f"candidate-{self.req.candidate.content_hash}", self.cand_dir)]
+        if self.baseline is not None:
+            digest = hashlib.sha256(json.dumps(self.baseline, sort_keys=True).encode()).hexdigest()[:32]
+            keys.append((f"baseline-{digest}", self.ref_dir))
+        return keys
 
     def _start(self, role: str, lease: Lease) -> WorkerClient:
-        if role == "trusted":
-            lang = self.baseline["spec"]["language"] if self.baseline else "python"
-            job = self._job("trusted", self.ref_dir, lease, lang)
-        else:
-            job = self._job("candidate", self.cand_dir, lease, self.req.candidate.spec.language)
-        return WorkerClient(role, job, self.pol.sandbox.require_isolation, self.cancel)
+        lang = self._languages()[0 if role == "trusted" else 1]
+        return start_worker(self.ws, role, self.dirs, lease, lang, self.cancel)
 
     def _load_candidate(self) -> dict:
         assert self.cand is not None
@@ -473,10 +294,16 @@ class BenchRun:
 
     def run_unstored(self) -> dict[str, Any]:
         """Everything but storing the run record (the reviewer's verify stores its own)."""
-        self._dirs()
+        self.baseline = self.ws.baseline_solution()
+        lease: Lease | None = None
         try:
             with executor().lease(None, self.cancel, on_wait=lambda m: self.progress(0, None, m)) as lease:
                 self.lease = lease
+                pair = spares.take(pair_key(self.ws, lease, *self._languages()), lease, self.cancel)
+                self._fill_dirs(pair.dirs if pair else RunDirs.create(self.ws))
+                if pair:
+                    self.trusted, self.cand = pair.trusted, pair.cand
+                    self.spare = pair
                 try:
                     record = self._run_on(lease)
                 except WorkerFailure as e:
@@ -486,22 +313,39 @@ class BenchRun:
             for w in (self.cand, self.trusted):
                 if w is not None:
                     w.close()
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            if getattr(self, "dirs", None) is not None:
+                if self.req.kind == "benchmark":  # the reviewer's verify writes nothing but its record
+                    for key, d in self._cache_keys():
+                        kernel_cache.keep(self.ws, key, d)
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            if lease is not None and not self.cancel.cancelled:
+                spares.start(self.ws, lease, *self._languages())  # the next run's workers, started ahead
         return record
 
     def _run_on(self, lease: Lease) -> dict[str, Any]:
         self.device = "cpu" if lease.kind == "cpu" else "cuda"
         s = settings_for(self.req.mode, self.device, self.pol.correctness.min_trials)
         self.settings = s
-        env_start = gpu_snapshot(lease)
+        with self.phase("gpu_snapshot"):
+            env_start = gpu_snapshot(lease)
         total = len(self.states)
         self.progress(0, total, f"starting workers on {lease.label}")
         with self.phase("workers_start"):
-            self.trusted = self._start("trusted", lease)
-            self.cand = self._start("candidate", lease)
-            t_env = self.trusted.ready(180)
-            c_env = self.cand.ready(180)
+            if self.spare is not None:
+                t_env, c_env = self.spare.trusted_env, self.spare.cand_env
+                self.notes.append(f"workers started ahead of the run ({time.time() - self.spare.ready_at:.1f} s "
+                                  "before it), fresh processes that had loaded nothing")
+            else:
+                self.trusted = self._start("trusted", lease)
+                self.cand = self._start("candidate", lease)
+                t_env = self.trusted.ready(180)
+                c_env = self.cand.ready(180)
         self.isolation = self.trusted.isolation
+        with self.phase("kernel_cache"):
+            restored = {d.name: kernel_cache.restore(self.ws, key, d) for key, d in self._cache_keys()}
+        if any(restored.values()):
+            self.notes.append("compiled kernels from an earlier run of the same content: "
+                              + ", ".join(f"{n} {k} file(s)" for k, n in restored.items() if n))
         base_desc: dict[str, Any] = {"kind": "reference"}
         if self.baseline is not None:
             bs = self.baseline["spec"]
@@ -521,8 +365,10 @@ class BenchRun:
             key = st.wl["uuid"]
             with self.phase("baseline_alone"):
                 self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=SLOTS)
-                r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup, min_iters=s.min_iters,
-                                         max_iters=s.max_iters, target_s=s.target_s, max_s=max(10 * s.target_s, 5.0),
+                # Half a block: enough for the interference check's interval.
+                r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup,
+                                         min_iters=max(5, s.min_iters // 2), max_iters=s.max_iters,
+                                         target_s=s.target_s / 2, max_s=max(10 * s.target_s, 5.0),
                                          seed=self.seed(key, "clean"))
                 st.clean = r["lat_us"]
                 self.trusted.request("release", 60, key=key)
@@ -543,7 +389,8 @@ class BenchRun:
                     self._timing(st, s)
                 self.progress(i + 1, total, f"{st.wl['uuid'][:8]} {self._axes(st.wl)}: {st.status}"
                               + (f" ({st.evidence[:120]})" if st.status != "PASSED" else ""))
-        env_end = gpu_snapshot(lease)
+        with self.phase("gpu_snapshot"):
+            env_end = gpu_snapshot(lease)
         return self._finish(lease, t_env, c_env, env_start, env_end, bw)
 
     def _try_load(self) -> WorkerFailure | None:
@@ -551,7 +398,7 @@ class BenchRun:
             if self.cand is None or not self.cand.alive():
                 self.cand = self._start("candidate", self.lease)
                 self.cand.ready(180)
-            rep = self._load_candidate()
+            self._load_candidate()
             self.global_alerts += self.cand.take_alerts()
             self.notes += self.cand.take_notes()
             return None
@@ -857,10 +704,12 @@ class BenchRun:
         except LockMismatch as e:
             lock_problem = str(e)
         rows = []
+        t_analysis = time.perf_counter()
         for st in self.states:
             if lock_problem:
                 st.fail("SANDBOX_VIOLATION", "lock", f"the workspace lock broke during the run: {lock_problem}")
             rows.append(self._analyze(st, bw))
+        self.phases["analysis"] = time.perf_counter() - t_analysis
         passed = [r for r in rows if r["status"] == "PASSED" and r.get("_reps") is not None]
         agg: dict[str, Any] = {"passed": len(passed), "total": len(rows), "complete": len(passed) == len(rows)}
         if passed:
@@ -876,6 +725,7 @@ class BenchRun:
         device_label = "cpu" if lease.kind == "cpu" else f"cuda:{t_env.get('gpu_name', lease.index)}"
         env = {"device": device_label, "lease": lease.label, "worker": t_env, "candidate_worker": c_env,
                "gpu_start": env_start, "gpu_end": env_end, "bandwidth": bw, "isolation": self.isolation,
+               "worker_processes": {w.name: w.proc.pid for w in (self.trusted, self.cand) if w is not None},
                "host_python": sys.version.split()[0]}
         if lease.kind == "cpu":
             env["cpu"] = cpu_name()

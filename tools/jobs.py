@@ -106,8 +106,8 @@ def visible_gpus() -> list[str]:
 
 
 class Executor(Protocol):
-    def lease(self, need_gpu: bool | None, cancel: CancelToken, on_wait: Callable[[str], None] | None = None
-              ) -> AbstractContextManager[Lease]: ...
+    def lease(self, need_gpu: bool | None, cancel: CancelToken, on_wait: Callable[[str], None] | None = None,
+              only: str | None = None) -> AbstractContextManager[Lease]: ...
 
 
 class LocalPool:
@@ -136,7 +136,8 @@ class LocalPool:
 
     @contextmanager
     def lease(self, need_gpu: bool | None, cancel: CancelToken,
-              on_wait: Callable[[str], None] | None = None) -> Iterator[Lease]:
+              on_wait: Callable[[str], None] | None = None, only: str | None = None) -> Iterator[Lease]:
+        """The first free slot (`only`: that slot, by its label, e.g. "cuda:0"), held until the block ends."""
         if need_gpu and not self.gpus:
             raise KdaError("this job needs a CUDA GPU and none is visible on this machine")
         told = False
@@ -144,7 +145,7 @@ class LocalPool:
             cancel.check()
             with self.cond:
                 for i, s in enumerate(self.slots):
-                    if i in self.busy:
+                    if i in self.busy or (only is not None and s.label != only):
                         continue
                     fh = self._try_file_lock(s)
                     if fh is None:

@@ -100,6 +100,8 @@ class BenchmarkPolicy(_Strict):
     cpu_interference_ratio: float = Field(3.0, gt=1.0, le=5.0)
     unaccounted_us: float = Field(10.0, gt=0, le=1000.0)
     unaccounted_ratio: float = Field(2.0, gt=0, le=10.0)
+    spare_workers: Literal["off", "gpu", "always"] = Field(
+        "gpu", description="Start the next run's worker processes ahead of time: never, on GPU devices, or always.")
 
 
 class Policy(_Strict):
