@@ -125,21 +125,46 @@ def load_candidate_fn(ws: Any) -> Callable[..., Any]:
 
 
 # --- the harnesses ------------------------------------------------------------------------------
+def wait_for_spares(ws: Any, timeout: float = 120.0) -> float | None:
+    """Seconds waited until the spare worker pair for the next run is ready (None: the policy
+    starts none here). An agent's next call usually comes later than the pair needs."""
+    from kda.tools import bench_workers
+    from kda.tools.jobs import executor
+
+    if not bench_workers.spares_wanted(ws, executor().slots[0]):
+        return None
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(p.key[0] == str(ws.root) for p in bench_workers.spares.waiting()):
+            return time.time() - t0
+        time.sleep(0.2)
+    return None
+
+
 def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
-    from kda.tools import bench
+    """Repeat 1 starts its own worker processes (cold); later repeats find the spare pair the
+    previous run started ahead (waiting for it is not counted: it is the time between calls)."""
+    from kda.tools import bench, bench_workers
     from kda.tools.jobs import CancelToken
 
     per: dict[str, list[float]] = {}
     per_ev: dict[str, list[float]] = {}
-    walls, statuses, phases = [], {}, []
+    walls, statuses, phases, ops, startup, waits = [], {}, [], [], [], []
+    bench_workers.spares.clear()
     for i in range(repeats):
+        if i:
+            waits.append(wait_for_spares(ws))
         req = bench.prepare(ws, "work/triton", None, workloads, mode, "writer")
         t0 = time.time()
         _, rec = bench.run_benchmark(req, lambda *a: None, CancelToken())
         walls.append(time.time() - t0)
         phases.append(rec.get("phases_s", {}))
-        say(f"  ours repeat {i + 1}/{repeats}: {rec['headline'][:120]} ({walls[-1]:.1f} s; "
-            + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()) + ")")
+        ops.append(rec.get("worker_ops_s", {}))
+        startup.append({k: rec["env"].get(k, {}).get("startup_s") for k in ("worker", "candidate_worker")})
+        spare = any("started ahead" in f for f in rec.get("flags", []))
+        say(f"  ours repeat {i + 1}/{repeats} ({'spare workers' if spare else 'cold start'}): {rec['headline'][:120]} "
+            f"({walls[-1]:.1f} s; " + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()) + ")")
+        say(f"    worker ops: {ops[-1]}")
         for w in rec["workloads"]:
             statuses[w["uuid"]] = w["status"]
             if w.get("candidate_us"):
@@ -149,7 +174,9 @@ def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
     say(f"  timing: {rec['env']['worker'].get('timing_mode')}")
     say(f"  worker start-up: trusted {rec['env']['worker'].get('startup_s')}, "
         f"candidate {rec['env'].get('candidate_worker', {}).get('startup_s')}")
-    return {"median_us": per, "wall_s": walls, "status": statuses, "phases_s": phases,
+    bench_workers.spares.clear()
+    return {"median_us": per, "wall_s": walls[1:] or walls, "wall_cold_s": walls[:1], "status": statuses,
+            "phases_s": phases, "worker_ops_s": ops, "startup_s": startup, "spare_wait_s": waits,
             "timing_mode": rec["env"]["worker"].get("timing_mode"), "events": {"median_us": per_ev}}
 
 
@@ -223,7 +250,9 @@ for w in wls:
 '''
 
 
-def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5) -> dict[str, Any]:
+def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str = "all") -> dict[str, Any]:
+    """Nsight Compute's gpu__time_duration at the clocks the GPU runs at (no clock locking).
+    cache_control "all" (ncu's default) flushes every cache before each launch; "none" leaves them."""
     from kda.tools.profile import find_ncu
 
     exe = find_ncu()
@@ -233,7 +262,7 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5) -> dict[str, Any]:
     (tmp / "wls.json").write_text(json.dumps(wls))
     drv = tmp / "driver.py"
     drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps))
-    cmd = [exe, "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv", "--kernel-name",
+    cmd = [exe, "--clock-control", "none", "--cache-control", cache_control, "--metrics", "gpu__time_duration.sum", "--csv", "--kernel-name",
            f"regex:{kernel}", sys.executable, str(drv)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     rows = [r for r in csv.DictReader(io.StringIO("\n".join(
@@ -261,6 +290,12 @@ def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, An
         row: dict[str, Any] = {"task": task, "uuid": u, "axes": w["axes"]}
         ref = ncu_m.get(u, [None])[0]
         row["ncu_us"] = ref
+        nc = ((res.get("ncu_nocache") or {}).get("median_us") or {}).get(u)
+        if nc:
+            row["ncu_nocache_us"] = nc[0]
+            vals = ((res.get("ours") or {}).get("median_us") or {}).get(u)
+            if vals:
+                row["ours_vs_ncu_nocache"] = statistics.median(vals) / nc[0] - 1
         for h in ("ours", "ours_events", "do_bench", "fib_persistent", "fib_isolated"):
             vals = ((res.get(h) or {}).get("median_us") or {}).get(u)
             if not vals:
@@ -290,6 +325,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             sp = r.get(f"{h}_spread")
             cells.append(f"{fmt(r.get(f'{h}_us'))} / {fmt(sp, True).lstrip('+') if sp is not None else '-'} / "
                          f"{fmt(r.get(f'{h}_vs_ncu'), True)}")
+        if "ncu_nocache_us" in r:
+            cells.append(f"ncu without cache flush {fmt(r['ncu_nocache_us'])}, ours "
+                         f"{fmt(r.get('ours_vs_ncu_nocache'), True)}")
         say(" | ".join(cells))
 
 
@@ -310,6 +348,14 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], walls: dict[str, A
                       fmt(r.get(f"{h}_vs_ncu"), True)]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    nocache = [r for r in rows if "ncu_nocache_us" in r]
+    if nocache:
+        out += ["Nsight Compute with `--cache-control none` (no cache flush before the launch):", "",
+                "| task | axes | ncu us | ncu no-flush us | ours us | ours vs ncu no-flush |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['task']} | {','.join(f'{k}={v}' for k, v in r['axes'].items())} | {fmt(r.get('ncu_us'))} | "
+                f"{fmt(r['ncu_nocache_us'])} | {fmt(r.get('ours_us'))} | {fmt(r.get('ours_vs_ncu_nocache'), True)} |"
+                for r in nocache]
+        out.append("")
     for task, w in walls.items():
         parts = [f"{h} {statistics.median(v):.1f} s" for h, v in w.items() if isinstance(v, list) and v]
         out.append(f"- Full evaluation of one candidate, {task} ({w['workloads']} workloads): " + ", ".join(parts))
@@ -343,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
                     help="which to run, comma-separated")
     ap.add_argument("--mode", default="quick", choices=["quick", "full"])
+    ap.add_argument("--quick-target-ms", type=float, default=None,
+                    help="experiment: timed wall time per block in quick mode (the product's setting otherwise)")
     ap.add_argument("--quick", action="store_true", help="2 repeats, sample:4 rmsnorm workloads, no isolated runner")
     ap.add_argument("--allow-cpu", action="store_true", help="run what can run without a GPU (ours, interpreter)")
     ap.add_argument("--update-readme", action="store_true", help="write the table into benchmarks/README.md")
@@ -351,6 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     if a.quick:
         a.repeats, a.fib_repeats, a.fib_isolated_repeats = 2, 2, 0
+    if a.quick_target_ms:
+        from dataclasses import replace
+
+        from kda.tools import bench
+
+        shipped = bench.settings_for
+        bench.settings_for = lambda mode, device, trials: (  # noqa: E731
+            replace(shipped(mode, device, trials), target_s=a.quick_target_ms / 1e3) if mode == "quick"
+            else shipped(mode, device, trials))
 
     import torch
 
@@ -412,11 +469,16 @@ def main(argv: list[str] | None = None) -> int:
                                                   lambda: fib(ws, wls, a.fib_isolated_repeats, isolated=True), skipped)
                 if "ncu" in want:
                     res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0]), skipped)
+                if "ncu_nocache" in want:
+                    res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
+                                                 lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)
             else:
                 skipped[f"{task}/do_bench, flashinfer-bench, ncu"] = "no CUDA GPU"
             walls[task] = {h: (res.get(h) or {}).get("wall_s") for h in ("ours", "fib_persistent", "fib_isolated")}
+            walls[task]["ours_cold"] = (res.get("ours") or {}).get("wall_cold_s")
             walls[task]["workloads"] = len(wls)
-            details[task] = {k: (res.get("ours") or {}).get(k) for k in ("phases_s", "timing_mode")}
+            details[task] = {k: (res.get("ours") or {}).get(k)
+                             for k in ("phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode")}
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):
