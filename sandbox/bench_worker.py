@@ -661,6 +661,8 @@ class Worker:
                 # Host time of the frame less the hold as the device ran it (not as asked: the
                 # hold kernel may overrun), so what is left beyond the events is off-stream work.
                 held_us = _ev_elapsed(h_ev, s_ev) * 1e3 if hold else 0.0
+                if hold and hasattr(self.holder, "observe"):
+                    self.holder.observe(held_us)
                 h1 = h_end - held_us * 1e-6
                 ev_us = _ev_elapsed(s_ev, e_ev) * 1e3
             else:

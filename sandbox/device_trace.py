@@ -45,16 +45,29 @@ class SpinHold:
     def __init__(self, device: torch.device):
         if _spin is None:
             raise TraceError("this torch has no torch.cuda._sleep")
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _spin(1000)
-        s.record()
-        _spin(2_000_000)
-        e.record()
-        e.synchronize()
-        self.cycles_per_us = 2_000_000 / max(1.0, s.elapsed_time(e) * 1e3)
+        # The spin counts SM clock cycles, and the clock moves (an idle GPU starts slow). A rate
+        # measured below the clock the timed calls run at would make every hold too short, so
+        # the rate is the fastest ever seen: measured after a spin that wakes the clock up, and
+        # raised by every hold the timing loop observes (`observe`).
+        self.cycles_per_us = 1.0
+        self.last_cycles = 0
+        _spin(20_000_000)
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            _spin(2_000_000)
+            e.record()
+            e.synchronize()
+            self.cycles_per_us = max(self.cycles_per_us, 2_000_000 / max(1.0, s.elapsed_time(e) * 1e3))
 
     def __call__(self, us: float) -> None:
-        _spin(int(us * self.cycles_per_us))
+        self.last_cycles = int(us * self.cycles_per_us)
+        _spin(self.last_cycles)
+
+    def observe(self, held_us: float) -> None:
+        """The last hold took `held_us` on the device: a faster clock than assumed raises the rate."""
+        if held_us > 10.0:
+            self.cycles_per_us = max(self.cycles_per_us, self.last_cycles / held_us)
 
     def mark(self) -> None:
         _spin(1)
