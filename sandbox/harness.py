@@ -324,7 +324,8 @@ def compare_output(name: str, got: Any, ref: torch.Tensor, atol: float, rtol: fl
                             f"expected {str(ref.dtype).replace('torch.', '')}"}
     # Integers compare in float64: float32 would merge values above 2**24 (indices, counts).
     wide = torch.float32 if ref.dtype.is_floating_point else torch.float64
-    x = got.detach().to(device=ref.device, dtype=wide)
+    # Copy first, widen on the device: a copy that also changes the dtype converts on the host.
+    x = got.detach().to(device=ref.device).to(wide)
     y = ref.detach().to(wide)
     total = x.numel()
     if got.dtype.is_floating_point:
