@@ -229,8 +229,12 @@ async def test_python_candidate_end_to_end(workspace):
         assert workspace.store.list_runs(kind="bandwidth")
         r = await client.call_tool("show_run", {"run_id": "run_nope"})
         assert r.is_error and "no run" in r.content[0].text
-    # Workers' scratch directories are gone; nothing of the run lingers outside the store.
-    assert not any((workspace.kda_dir / "jobs").glob("run_*"))
+    # Workers' scratch directories are gone; nothing of the run lingers outside the store (but the
+    # empty directories of a spare worker pair waiting for the next run, where the policy starts one).
+    from kda.tools.bench_workers import spares
+
+    waiting = {p.dirs.root for p in spares.waiting()}
+    assert not [d for d in (workspace.kda_dir / "jobs").glob("run_*") if d not in waiting]
 
 
 @pytest.mark.anyio
