@@ -284,6 +284,7 @@ class SparePool:
         self._lock = threading.Lock()
         self._pairs: dict[str, WorkerPair] = {}
         self._starting: set[CancelToken] = set()
+        self._starting_dirs: set[Path] = set()
         self._todo: "queue.Queue[tuple]" = queue.Queue()
         self._thread: threading.Thread | None = None
         self.closed = False
@@ -322,10 +323,11 @@ class SparePool:
                token: CancelToken) -> None:
         from .jobs import executor
 
+        key = pair_key(ws, lease, trusted_language, candidate_language)
         dirs: RunDirs | None = None
         workers: list[WorkerClient] = []
+        pair: WorkerPair | None = None
         try:
-            key = pair_key(ws, lease, trusted_language, candidate_language)
             with self._lock:
                 waiting = self._pairs.get(lease.label)
             if token.cancelled or self.closed or (waiting is not None and waiting.key == key
@@ -333,32 +335,39 @@ class SparePool:
                 return
             with executor().lease(None, token, only=lease.label):
                 dirs = RunDirs.create(ws)
+                with self._lock:
+                    self._starting_dirs.add(dirs.root)
                 for role, lang in (("trusted", trusted_language), ("candidate", candidate_language)):
                     workers.append(start_worker(ws, role, dirs, lease, lang, token))
                 envs = [w.ready(180) for w in workers]
-            pair = WorkerPair(key, dirs, workers[0],
-                              workers[1], time.time(), envs[0], envs[1])
+            pair = WorkerPair(key, dirs, workers[0], workers[1], time.time(), envs[0], envs[1])
         except Exception:  # a spare is an optimisation: the next run starts its own workers
             for w in workers:
                 w.close()
             if dirs is not None:
                 shutil.rmtree(dirs.root, ignore_errors=True)
-            return
         finally:
+            old = None
             with self._lock:
                 self._starting.discard(token)
-        with self._lock:
-            old = None if self.closed else self._pairs.pop(lease.label, None)
-            if not self.closed:
-                self._pairs[lease.label] = pair
-        if old is not None:
-            old.close()
-        if self.closed:
-            pair.close()
+                if dirs is not None:
+                    self._starting_dirs.discard(dirs.root)
+                if pair is not None and not self.closed:
+                    old = self._pairs.pop(lease.label, None)
+                    self._pairs[lease.label] = pair
+                    pair = None
+            for p in (old, pair):  # the pair it replaces; or this one, when the pool closed meanwhile
+                if p is not None:
+                    p.close()
 
     def waiting(self) -> list[WorkerPair]:
         with self._lock:
             return list(self._pairs.values())
+
+    def directories(self) -> set[Path]:
+        """The job directories of the pairs waiting and of those starting."""
+        with self._lock:
+            return {p.dirs.root for p in self._pairs.values()} | set(self._starting_dirs)
 
     def clear(self) -> None:
         """Kill the pairs waiting and those starting."""
