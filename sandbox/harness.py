@@ -251,12 +251,22 @@ class Callee:
 
 
 # --- loading code ------------------------------------------------------------------------------
-def load_entry(source_dir: Path, entry_point: str, package: str) -> Callable[..., Any]:
-    """Import `file.py::symbol` from a directory as package `package` (relative imports work)."""
+NATIVE_SUFFIXES = (".cu", ".cpp", ".cc", ".cxx", ".c")
+
+
+def load_entry(source_dir: Path, entry_point: str, package: str, build_dir: Path | None = None,
+               with_cuda: bool = False) -> Callable[..., Any]:
+    """Import `file.py::symbol` from a directory as package `package` (relative imports work), or,
+    for a C++/CUDA entry file, build the directory's sources as a torch extension (see
+    `build_torch_extension`) and return its `symbol`."""
     file, _, symbol = entry_point.partition("::")
     rel = Path(file)
+    if rel.suffix in NATIVE_SUFFIXES:
+        return build_torch_extension(Path(source_dir), symbol, Path(build_dir or Path(source_dir).parent / "build"),
+                                     with_cuda)
     if rel.suffix != ".py":
-        raise HarnessError(f"entry file {file!r} is not a Python file")
+        raise HarnessError(f"entry file {file!r} is neither a Python file nor C++/CUDA "
+                           f"({', '.join(NATIVE_SUFFIXES)})")
     source_dir = Path(source_dir).resolve()
     pkg = types.ModuleType(package)
     pkg.__path__ = [str(source_dir)]  # type: ignore[attr-defined]
@@ -268,6 +278,46 @@ def load_entry(source_dir: Path, entry_point: str, package: str) -> Callable[...
     fn = getattr(mod, symbol, None)
     if fn is None or not callable(fn):
         raise HarnessError(f"entry point {entry_point!r}: no callable {symbol!r} in {file}")
+    return fn
+
+
+def build_torch_extension(source_dir: Path, symbol: str, build_dir: Path, with_cuda: bool) -> Callable[..., Any]:
+    """flashinfer-bench's torch binding: every C/C++/CUDA file of the directory built with
+    torch.utils.cpp_extension into one module (the sources bind `symbol` with PYBIND11_MODULE).
+    The module's name hashes the sources, the torch version and the CUDA switch, so a build kept
+    from an earlier run of the same content (`build_dir/<name>/<name>.so`) is imported as it is."""
+    from importlib.machinery import ExtensionFileLoader
+
+    sources = sorted(p for p in source_dir.rglob("*") if p.is_file() and p.suffix in NATIVE_SUFFIXES)
+    if not sources:
+        raise HarnessError(f"no C/C++/CUDA sources ({', '.join(NATIVE_SUFFIXES)}) in the candidate")
+    h = hashlib.sha256(f"{torch.__version__}|cuda={with_cuda}".encode())
+    for p in sources:
+        h.update(str(p.relative_to(source_dir)).encode() + b"\0" + p.read_bytes() + b"\0")
+    name = f"kda_ext_{h.hexdigest()[:16]}"
+    out = build_dir / name
+    built = out / f"{name}.so"
+    if built.is_file():
+        spec = importlib.util.spec_from_file_location(name, built, loader=ExtensionFileLoader(name, str(built)))
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        from torch.utils.cpp_extension import load
+
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            mod = load(name=name, sources=[str(p) for p in sources], extra_include_paths=[str(source_dir)],
+                       with_cuda=with_cuda, build_directory=str(out), verbose=False)
+        except Exception as e:  # the compiler's own words: its error lines, paths relative to the sources
+            text = str(e)
+            errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()
+                      and not ln.lstrip().startswith("[") and "Error building extension" not in ln]
+            msg = "\n".join(errors[:12]) if errors else text[-1500:]
+            raise HarnessError("building the torch extension failed: " + msg.replace(f"{source_dir}/", "")) from None
+    fn = getattr(mod, symbol, None)
+    if fn is None or not callable(fn):
+        raise HarnessError(f"the built extension has no callable {symbol!r} (bind it in PYBIND11_MODULE)")
     return fn
 
 

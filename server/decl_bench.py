@@ -156,7 +156,9 @@ async def benchmark(call: CallContext, args: BenchmarkInput) -> Reply[BenchmarkO
     timestamps, timed outputs re-checked). Reports per workload the
     median latency with a bootstrap 95% interval, the speedup with its interval, and the arithmetic and
     geometric mean speedups. Statuses: flashinfer-bench's plus INPUT_MUTATED, TIMING_TAMPERED,
-    BELOW_PHYSICAL_FLOOR, SANDBOX_VIOLATION. Returns within wait_s or gives a job id for job_status."""
+    BELOW_PHYSICAL_FLOOR, SANDBOX_VIOLATION. Languages: python, triton, and cpp/cuda with
+    binding = "torch" (built as a torch extension in the sandbox; cuda needs a GPU). Returns within
+    wait_s or gives a job id for job_status."""
     from kda.tools import bench
 
     req = await anyio.to_thread.run_sync(

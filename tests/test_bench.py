@@ -630,3 +630,41 @@ def test_kept_kernel_cache_is_regular_files_of_one_content_only(workspace, tmp_p
     job4 = tmp_path / "job4"
     job4.mkdir()
     assert kc.restore(workspace, "candidate-aaa", job4) == 1
+
+
+def test_cpp_candidate_is_built_as_a_torch_extension_and_its_build_kept(workspace):
+    from kda.tools.jobs import CancelToken
+
+    path = _install(workspace, DATA / "cpp_rmsnorm", "cpp")
+    req = bench.prepare(workspace, path, None, [BATCH1, BATCH2], "quick", "writer")
+    _, first = bench.run_benchmark(req, lambda *a: None, CancelToken())
+    assert first["status"] == "PASSED", first["headline"]
+    assert first["language"] == "cpp" and all(w["max_abs"] == 0.0 for w in first["workloads"])
+    # The same content again: the kept build is imported, not rebuilt.
+    _, second = bench.run_benchmark(bench.prepare(workspace, path, None, [BATCH1], "quick", "writer"),
+                                    lambda *a: None, CancelToken())
+    assert second["status"] == "PASSED", second["headline"]
+    assert any("compiled kernels from an earlier run" in f for f in second["flags"])
+    assert second["phases_s"]["candidate_load"] < first["phases_s"]["candidate_load"] / 3
+
+    # A compiler error is the candidate's COMPILE_ERROR, with the compiler's words.
+    bad = workspace.work_dir / "cpp_bad"
+    shutil.copytree(workspace.work_dir / "cpp", bad)
+    (bad / "kernel.cpp").write_text((bad / "kernel.cpp").read_text().replace("output.copy_(", "output.copy_(undeclared_x + "))
+    _, rec = bench.run_benchmark(bench.prepare(workspace, "work/cpp_bad", None, [BATCH1], "quick", "writer"),
+                                 lambda *a: None, CancelToken())
+    w = rec["workloads"][0]
+    assert w["status"] == "COMPILE_ERROR" and "undeclared_x" in w["evidence"], w
+
+
+def test_native_candidates_that_cannot_run_here_are_refused_with_the_reason(workspace):
+    cand = workspace.work_dir / "nobind"
+    shutil.copytree(DATA / "cpp_rmsnorm", cand)
+    toml = (cand / "candidate.toml").read_text()
+    (cand / "candidate.toml").write_text(toml.replace('binding = "torch"\n', ""))
+    with pytest.raises(NotAvailable, match='binding = "torch"'):
+        bench.prepare(workspace, "work/nobind", None, [BATCH1], "quick", "writer")
+    if not HAS_GPU:
+        (cand / "candidate.toml").write_text(toml.replace('"cpp"', '"cuda"'))
+        with pytest.raises(NotAvailable, match="needs a CUDA GPU"):
+            bench.prepare(workspace, "work/nobind", None, [BATCH1], "quick", "writer")

@@ -43,7 +43,7 @@ async def test_triton_rmsnorm_on_all_workloads(workspace):
         assert env["bandwidth"]["bytes_per_s"] > 5e11
         assert "clocks.sm" in env["gpu_start"] or "nvidia_smi" in env["gpu_start"]
         # The candidate's compiled kernels are kept for the next run of the same content.
-        kept = workspace.kda_dir / "cache" / "triton" / f"candidate-{out['candidate_hash']}"
+        kept = workspace.kda_dir / "cache" / "kernels" / f"candidate-{out['candidate_hash']}"
         kept_files = sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file())
         assert any(p.suffix == ".cubin" for p in kept_files), kept_files
         r = await client.call_tool("benchmark", {"path": "work/v1", "workloads": "sample:2", "wait_s": 600})

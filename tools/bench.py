@@ -43,7 +43,7 @@ from .jobs import CancelToken, Lease, executor
 from .store import new_id
 from .workspace import Workspace
 
-SUPPORTED_LANGUAGES = ("python", "triton")
+SUPPORTED_LANGUAGES = ("python", "triton", "cpp", "cuda")
 # flashinfer-bench's EvaluationStatus values and ours, most severe first: the run's status is the
 # most severe of its workloads'.
 SEVERITY = ("SANDBOX_VIOLATION", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "INPUT_MUTATED", "COMPILE_ERROR",
@@ -121,12 +121,23 @@ def select_workloads(definition: dict[str, Any], workloads: list[dict[str, Any]]
     raise BadInput(f"workloads {spec!r}: use 'all', 'sample:N' or a list of workload uuids")
 
 
+def check_runnable(what: str, language: str, binding: str | None) -> None:
+    """Refuse, with the reason, a candidate or baseline this machine cannot build and run."""
+    if language not in SUPPORTED_LANGUAGES:
+        raise NotAvailable(f"{what}: language {language!r} cannot be benchmarked; supported: "
+                           f"{', '.join(SUPPORTED_LANGUAGES)}")
+    if language in ("cpp", "cuda") and binding != "torch":
+        raise NotAvailable(f"{what}: {language} is built as a torch extension (flashinfer-bench's torch binding): "
+                           f"set binding = \"torch\" in candidate.toml and bind the entry with PYBIND11_MODULE "
+                           f"(binding {binding!r} is not supported)")
+    if language == "cuda" and not executor().has_gpu:
+        raise NotAvailable(f"{what}: a cuda candidate needs a CUDA GPU and this machine has none "
+                           "(cpp, python and triton candidates run on the CPU)")
+
+
 def benchmarkable_candidate(ws: Workspace, path: str | None, candidate: str | None) -> Candidate:
     cand = resolve_candidate(ws, path, candidate)
-    if cand.spec.language not in SUPPORTED_LANGUAGES:
-        raise NotAvailable(
-            f"{cand.path}: language {cand.spec.language!r} cannot be benchmarked yet; supported: "
-            f"{', '.join(SUPPORTED_LANGUAGES)} (Triton runs in its interpreter on a CPU-only machine)")
+    check_runnable(cand.path, cand.spec.language, cand.spec.binding)
     return cand
 
 
@@ -138,9 +149,8 @@ def prepare(ws: Workspace, path: str | None, candidate: str | None, workloads: s
     cand = benchmarkable_candidate(ws, path, candidate)
     chosen, label = select_workloads(ws.definition(), ws.workloads(), workloads)
     base = ws.baseline_solution()
-    if base is not None and base["spec"]["language"] not in SUPPORTED_LANGUAGES:
-        raise NotAvailable(f"the locked baseline {base['name']!r} is {base['spec']['language']}; this harness runs "
-                           f"baselines in {', '.join(SUPPORTED_LANGUAGES)} only")
+    if base is not None:
+        check_runnable(f"the locked baseline {base['name']!r}", base["spec"]["language"], base["spec"].get("binding"))
     return BenchRequest(ws, cand, chosen, label, mode, role, kind)
 
 
@@ -278,7 +288,7 @@ class BenchRun:
                    str(self.ws.work_dir)]
         # The worker's own directory is under .kda; it stays writable.
         return self.cand.request("load", self.call_timeout + 120, definition_file=str(self.cand_dir / "definition.json"),
-                                 dir=str(self.cand_dir / "src"), entry_point=spec.entry_point,
+                                 dir=str(self.cand_dir / "src"), entry_point=spec.entry_point, language=spec.language,
                                  dps=spec.destination_passing_style, protect=protect,
                                  allow=[str(self.cand_dir)],
                                  reference_files=[str(self.ws.task_dir / "definition.json")],
@@ -349,7 +359,7 @@ class BenchRun:
         base_desc: dict[str, Any] = {"kind": "reference"}
         if self.baseline is not None:
             bs = self.baseline["spec"]
-            base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"),
+            base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"), "language": bs["language"],
                          "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
         with self.phase("baseline_load"):
             self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
