@@ -63,3 +63,16 @@ async def test_triton_rmsnorm_on_all_workloads(workspace):
         assert v["agrees_with_writer"] is not None
     # The reviewer's verify changed nothing but its record: not even the kept kernels.
     assert sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file()) == kept_files
+
+
+def test_cuda_candidate_is_built_and_measured(workspace):
+    from kda.tools import bench
+    from kda.tools.jobs import CancelToken
+
+    shutil.copytree(DATA / "cuda_rmsnorm", workspace.work_dir / "cu")
+    req = bench.prepare(workspace, "work/cu", None, "sample:3", "quick", "writer")
+    _, rec = bench.run_benchmark(req, lambda *a: None, CancelToken())
+    assert rec["status"] == "PASSED", rec["headline"]
+    assert rec["language"] == "cuda" and len(rec["workloads"]) == 3
+    big = [w for w in rec["workloads"] if w["axes"]["batch_size"] >= 1024]
+    assert big and all(w["speedup"] > 1.0 for w in big), [(w["axes"], w.get("speedup")) for w in big]
