@@ -165,7 +165,7 @@ def test_bad_requests_are_refused_before_anything_runs(workspace):
     cu.mkdir()
     (cu / "candidate.toml").write_text('language = "cuda"\nentry_point = "k.cu::run"\n')
     (cu / "k.cu").write_text("// nothing\n")
-    with pytest.raises(NotAvailable, match="supported: python, triton"):
+    with pytest.raises(NotAvailable, match='set binding = "torch"'):  # a tvm-ffi or unset binding
         bench.prepare(workspace, "work/cu", None, "all", "quick", "writer")
     _write_candidate(workspace, "ok", "def run(hidden_states, weight, output):\n    pass\n")
     with pytest.raises(BadInput, match="unknown workload"):
