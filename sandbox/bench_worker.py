@@ -526,7 +526,6 @@ class Worker:
             with part("reference"):
                 ref = self._call(self.reference, wl, [x.clone() if isinstance(x, torch.Tensor) else x for x in pristine],
                                  None)
-                self.sync()
             label = p.get("label", "trial") + f" {i}"
             if p.get("inputs", True):
                 got_inputs = rec.get("inputs", [])

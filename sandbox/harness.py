@@ -378,29 +378,29 @@ def compare_output(name: str, got: Any, ref: torch.Tensor, atol: float, rtol: fl
     x = got.detach().to(device=ref.device).to(wide)
     y = ref.detach().to(wide)
     total = x.numel()
-    if got.dtype.is_floating_point:
-        nan = torch.isnan(x)
-        inf = torch.isinf(x)
-        n_nan, n_inf = int(nan.sum()), int(inf.sum())
-        if n_nan or n_inf:
-            bad = (nan | inf).flatten().nonzero()
-            first = _index(int(bad[0]), tuple(x.shape)) if len(bad) else []
-            what = " and ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
-            return {**res, "status": "INCORRECT_NUMERICAL", "check": "nan_inf", "nan_count": n_nan,
-                    "inf_count": n_inf, "max_abs": float("nan"), "max_rel": float("nan"), "matched_ratio": 0.0,
-                    "evidence": f"output {name!r}: {what} of {total} elements (first at {first}); "
-                                "NaN/Inf always fails (poisoned outputs left unwritten read as NaN)"}
     if total == 0:
         return {**res, "ok": True, "status": "PASSED", "check": None, "max_abs": 0.0, "max_rel": 0.0,
                 "matched_ratio": 1.0, "evidence": ""}
     abs_err = (x - y).abs()
     rel_err = abs_err / (y.abs() + 1e-8)
     exceeds = (abs_err > atol) & (rel_err > rtol)
-    n_bad = int(exceeds.sum())
-    matched = max(0.0, min(1.0, 1.0 - n_bad / total))
     flat_abs = abs_err.flatten()
-    i_max = int(flat_abs.argmax())
-    max_abs, max_rel = float(flat_abs[i_max]), float(rel_err.max())
+    floating = got.dtype.is_floating_point
+    nan, inf = (torch.isnan(x), torch.isinf(x)) if floating else (None, None)
+    # Every figure in one transfer: each .item() of its own would wait for the device again.
+    figures = [nan.sum() if floating else exceeds.new_zeros(()), inf.sum() if floating else exceeds.new_zeros(()),
+               exceeds.sum(), flat_abs.argmax(), flat_abs.max(), rel_err.max()]
+    n_nan, n_inf, n_bad, i_max, max_abs, max_rel = torch.stack([f.double() for f in figures]).tolist()
+    n_nan, n_inf, n_bad, i_max = int(n_nan), int(n_inf), int(n_bad), int(i_max)
+    if n_nan or n_inf:
+        bad = (nan | inf).flatten().nonzero()
+        first = _index(int(bad[0]), tuple(x.shape)) if len(bad) else []
+        what = " and ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
+        return {**res, "status": "INCORRECT_NUMERICAL", "check": "nan_inf", "nan_count": n_nan,
+                "inf_count": n_inf, "max_abs": float("nan"), "max_rel": float("nan"), "matched_ratio": 0.0,
+                "evidence": f"output {name!r}: {what} of {total} elements (first at {first}); "
+                            "NaN/Inf always fails (poisoned outputs left unwritten read as NaN)"}
+    matched = max(0.0, min(1.0, 1.0 - n_bad / total))
     where = _index(i_max, tuple(x.shape))
     res.update(max_abs=max_abs, max_rel=max_rel, matched_ratio=matched, mismatched=n_bad, elements=total)
     if matched < required_ratio:
