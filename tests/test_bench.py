@@ -632,6 +632,27 @@ def test_kept_kernel_cache_is_regular_files_of_one_content_only(workspace, tmp_p
     assert kc.restore(workspace, "candidate-aaa", job4) == 1
 
 
+def test_only_finished_extension_builds_are_kept_and_never_a_lock(workspace, tmp_path):
+    from kda.tools import kernel_cache as kc
+
+    job = tmp_path / "job"
+    done, killed = job / kc.JOB_BUILD / "kda_ext_done", job / kc.JOB_BUILD / "kda_ext_killed"
+    for d in (done, killed):
+        d.mkdir(parents=True)
+        (d / "build.ninja").write_text("rule cxx\n")
+        (d / "lock").write_text("")  # torch's build lock, left by a build that was killed
+    (done / "kda_ext_done.so").write_bytes(b"\x7fELF")
+    (killed / "kernel.o").write_bytes(b"\0")  # no .so: the build never finished
+    assert kc.keep(workspace, "candidate-ccc", job) == 2
+    back = tmp_path / "back"
+    back.mkdir()
+    kc.restore(workspace, "candidate-ccc", back)
+    got = sorted(str(p.relative_to(back)) for p in back.rglob("*") if p.is_file())
+    assert got == ["build/kda_ext_done/build.ninja", "build/kda_ext_done/kda_ext_done.so"]
+    # A build whose module did not load is not kept at all.
+    assert kc.keep(workspace, "candidate-ddd", job, builds_ok=False) == 0
+
+
 def test_cpp_candidate_is_built_as_a_torch_extension_and_its_build_kept(workspace):
     from kda.tools.jobs import CancelToken
 
