@@ -291,7 +291,11 @@ def build_torch_extension(source_dir: Path, symbol: str, build_dir: Path, with_c
     sources = sorted(p for p in source_dir.rglob("*") if p.is_file() and p.suffix in NATIVE_SUFFIXES)
     if not sources:
         raise HarnessError(f"no C/C++/CUDA sources ({', '.join(NATIVE_SUFFIXES)}) in the candidate")
-    h = hashlib.sha256(f"{torch.__version__}|cuda={with_cuda}".encode())
+    # The build is for this torch, this CUDA and this GPU's architecture (a kept build must not be
+    # imported on another kind of GPU).
+    arch = (f"{torch.version.cuda}|{torch.cuda.get_device_capability()}|{os.environ.get('TORCH_CUDA_ARCH_LIST')}"
+            if with_cuda else "cpu")
+    h = hashlib.sha256(f"{torch.__version__}|{arch}".encode())
     for p in sources:
         h.update(str(p.relative_to(source_dir)).encode() + b"\0" + p.read_bytes() + b"\0")
     name = f"kda_ext_{h.hexdigest()[:16]}"

@@ -232,6 +232,7 @@ class BenchRun:
         self.trusted: WorkerClient | None = None
         self.cand: WorkerClient | None = None
         self.spare: WorkerPair | None = None
+        self.loaded: dict[str, bool] = {}  # by job directory name: its worker loaded its code
         self.restarts = 0
         self.n_exchange = 0
         self.started = time.time()
@@ -310,10 +311,10 @@ class BenchRun:
             with executor().lease(None, self.cancel, on_wait=lambda m: self.progress(0, None, m)) as lease:
                 self.lease = lease
                 pair = spares.take(pair_key(self.ws, lease, *self._languages()), lease, self.cancel)
-                self._fill_dirs(pair.dirs if pair else RunDirs.create(self.ws))
-                if pair:
+                if pair:  # ours now: closed in `finally` whatever happens next
                     self.trusted, self.cand = pair.trusted, pair.cand
                     self.spare = pair
+                self._fill_dirs(pair.dirs if pair else RunDirs.create(self.ws))
                 try:
                     record = self._run_on(lease)
                 except WorkerFailure as e:
@@ -324,9 +325,12 @@ class BenchRun:
                 if w is not None:
                     w.close()
             if getattr(self, "dirs", None) is not None:
-                if self.req.kind == "benchmark":  # the reviewer's verify writes nothing but its record
-                    for key, d in self._cache_keys():
-                        kernel_cache.keep(self.ws, key, d)
+                try:
+                    if self.req.kind == "benchmark":  # the reviewer's verify writes nothing but its record
+                        for key, d in self._cache_keys():
+                            kernel_cache.keep(self.ws, key, d, builds_ok=self.loaded.get(d.name, False))
+                except Exception:  # keeping compiled kernels is an optimisation; never lose the run for it
+                    pass
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             if lease is not None and not self.cancel.cancelled:
                 spares.start(self.ws, lease, *self._languages())  # the next run's workers, started ahead
@@ -362,8 +366,10 @@ class BenchRun:
             base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"), "language": bs["language"],
                          "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
         with self.phase("baseline_load"):
+            self.loaded[self.ref_dir.name] = False
             self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
                                  baseline=base_desc, safetensors_root=str(self.ws.task_dir))
+        self.loaded[self.ref_dir.name] = True
         device_key = self._device_key(lease, t_env)
         measure = lambda: {k: v for k, v in self.trusted.request("bandwidth", 120).items()  # noqa: E731
                            if k in ("bytes_per_s", "method")}
@@ -409,6 +415,7 @@ class BenchRun:
                 self.cand = self._start("candidate", self.lease)
                 self.cand.ready(180)
             self._load_candidate()
+            self.loaded[self.cand_dir.name] = True
             self.global_alerts += self.cand.take_alerts()
             self.notes += self.cand.take_notes()
             return None
@@ -503,7 +510,8 @@ class BenchRun:
         except WorkerFailure as e:
             if not self.trusted.alive():
                 raise KdaError(f"the trusted worker died: {e.evidence}") from None
-            st.fail(e.status, e.check, e.evidence)
+            st.fail(e.status, e.check, f"the trusted worker could not check this workload's results (the reference "
+                    f"side failed, which may not be the candidate's doing): {e.evidence}")
             return
         finally:
             x.unlink(missing_ok=True)

@@ -264,8 +264,11 @@ class WorkerPair:
 
 
 def pair_key(ws: Workspace, lease: Lease, trusted_language: str, candidate_language: str) -> tuple:
+    """What a spare pair must have been started for: workspace, device, job environments and the
+    sandbox policy as it is now (a pair started before the policy was tightened is not taken)."""
     return (str(ws.root), lease.kind, lease.index, tuple(sorted(worker_env(lease, trusted_language).items())),
-            tuple(sorted(worker_env(lease, candidate_language).items())))
+            tuple(sorted(worker_env(lease, candidate_language).items())),
+            json.dumps(ws.policy.sandbox.model_dump(), sort_keys=True, default=str))
 
 
 def spares_wanted(ws: Workspace, lease: Lease) -> bool:
