@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator
 
 from . import floor as floor_mod
 from . import kernel_cache
-from .bench_workers import RunDirs, WorkerClient, WorkerFailure, WorkerPair, pair_key, spares, start_worker
+from .bench_workers import (RunDirs, WorkerClient, WorkerFailure, WorkerPair, pair_key, spares, start_worker,
+                            trusted_language)
 from .candidate import Candidate, resolve_candidate
 from .errors import BadInput, KdaError, LockMismatch, NotAvailable
 from .jobs import CancelToken, Lease, executor
@@ -232,6 +233,7 @@ class BenchRun:
         self.trusted: WorkerClient | None = None
         self.cand: WorkerClient | None = None
         self.spare: WorkerPair | None = None
+        self.dirs: RunDirs | None = None
         self.loaded: dict[str, bool] = {}  # by job directory name: its worker loaded its code
         self.restarts = 0
         self.n_exchange = 0
@@ -253,8 +255,18 @@ class BenchRun:
         return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
 
     # -- directories and workers
+    @property
+    def ref_dir(self) -> Path:
+        assert self.dirs is not None
+        return self.dirs.ref
+
+    @property
+    def cand_dir(self) -> Path:
+        assert self.dirs is not None
+        return self.dirs.cand
+
     def _fill_dirs(self, dirs: RunDirs) -> None:
-        self.dirs, self.run_dir, self.ref_dir, self.cand_dir = dirs, dirs.root, dirs.ref, dirs.cand
+        self.dirs = dirs
         (self.ref_dir / "definition.json").write_text(json.dumps(self.definition))
         public = {k: v for k, v in self.definition.items() if k != "reference"}
         (self.cand_dir / "definition.json").write_text(json.dumps(public))
@@ -268,7 +280,7 @@ class BenchRun:
 
     def _languages(self) -> tuple[str, str]:
         """The job languages of the trusted worker (the baseline's) and the candidate's worker."""
-        return (self.baseline["spec"]["language"] if self.baseline else "python", self.req.candidate.spec.language)
+        return trusted_language(self.baseline), self.req.candidate.spec.language
 
     def _cache_keys(self) -> list[tuple[str, Path]]:
         """Which kept Triton cache each worker's job directory gets: its content's (kernel_cache)."""
@@ -297,7 +309,7 @@ class BenchRun:
 
     def _exchange(self) -> Path:
         self.n_exchange += 1
-        return self.cand_dir / "x" / f"{self.n_exchange}.pt"
+        return self.cand_dir / "x" / f"{self.n_exchange}.kdax"
 
     # -- phases
     def run(self) -> tuple[str, dict[str, Any]]:
@@ -324,14 +336,14 @@ class BenchRun:
             for w in (self.cand, self.trusted):
                 if w is not None:
                     w.close()
-            if getattr(self, "dirs", None) is not None:
+            if self.dirs is not None:
                 try:
                     if self.req.kind == "benchmark":  # the reviewer's verify writes nothing but its record
                         for key, d in self._cache_keys():
                             kernel_cache.keep(self.ws, key, d, builds_ok=self.loaded.get(d.name, False))
                 except Exception:  # keeping compiled kernels is an optimisation; never lose the run for it
                     pass
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                shutil.rmtree(self.dirs.root, ignore_errors=True)
             if lease is not None and not self.cancel.cancelled:
                 spares.start(self.ws, lease, *self._languages())  # the next run's workers, started ahead
         return record
@@ -366,7 +378,6 @@ class BenchRun:
             base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"), "language": bs["language"],
                          "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
         with self.phase("baseline_load"):
-            self.loaded[self.ref_dir.name] = False
             self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
                                  baseline=base_desc, safetensors_root=str(self.ws.task_dir))
         self.loaded[self.ref_dir.name] = True

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .jobs import Cancelled, CancelToken, Lease
+from .jobs import Cancelled, CancelToken, Lease, executor
 from .store import new_id
 from .workspace import Workspace
 
@@ -271,6 +271,11 @@ def pair_key(ws: Workspace, lease: Lease, trusted_language: str, candidate_langu
             json.dumps(ws.policy.sandbox.model_dump(), sort_keys=True, default=str))
 
 
+def trusted_language(baseline: dict[str, Any] | None) -> str:
+    """The trusted worker's job language: the locked baseline's, or python for the reference."""
+    return baseline["spec"]["language"] if baseline else "python"
+
+
 def spares_wanted(ws: Workspace, lease: Lease) -> bool:
     mode = ws.policy.benchmark.spare_workers
     return mode == "always" or (mode == "gpu" and lease.kind == "cuda")
@@ -286,8 +291,7 @@ class SparePool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pairs: dict[str, WorkerPair] = {}
-        self._starting: set[CancelToken] = set()
-        self._starting_dirs: set[Path] = set()
+        self._starting: dict[CancelToken, Path | None] = {}  # each start's token and, once made, its job dirs
         self._todo: "queue.Queue[tuple]" = queue.Queue()
         self._thread: threading.Thread | None = None
         self.closed = False
@@ -312,7 +316,7 @@ class SparePool:
             return
         token = CancelToken()
         with self._lock:
-            self._starting.add(token)
+            self._starting[token] = None
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="kda-spare-workers", daemon=True)
                 self._thread.start()
@@ -324,8 +328,6 @@ class SparePool:
 
     def _start(self, ws: Workspace, lease: Lease, trusted_language: str, candidate_language: str,
                token: CancelToken) -> None:
-        from .jobs import executor
-
         key = pair_key(ws, lease, trusted_language, candidate_language)
         dirs: RunDirs | None = None
         workers: list[WorkerClient] = []
@@ -339,7 +341,7 @@ class SparePool:
             with executor().lease(None, token, only=lease.label):
                 dirs = RunDirs.create(ws)
                 with self._lock:
-                    self._starting_dirs.add(dirs.root)
+                    self._starting[token] = dirs.root
                 for role, lang in (("trusted", trusted_language), ("candidate", candidate_language)):
                     workers.append(start_worker(ws, role, dirs, lease, lang, token))
                 envs = [w.ready(180) for w in workers]
@@ -352,9 +354,7 @@ class SparePool:
         finally:
             old = None
             with self._lock:
-                self._starting.discard(token)
-                if dirs is not None:
-                    self._starting_dirs.discard(dirs.root)
+                self._starting.pop(token, None)
                 if pair is not None and not self.closed:
                     old = self._pairs.pop(lease.label, None)
                     self._pairs[lease.label] = pair
@@ -370,7 +370,7 @@ class SparePool:
     def directories(self) -> set[Path]:
         """The job directories of the pairs waiting and of those starting."""
         with self._lock:
-            return {p.dirs.root for p in self._pairs.values()} | set(self._starting_dirs)
+            return {p.dirs.root for p in self._pairs.values()} | {d for d in self._starting.values() if d}
 
     def clear(self) -> None:
         """Kill the pairs waiting and those starting."""
@@ -395,10 +395,7 @@ def prestart(ws: Workspace) -> None:
     """At server start: a spare pair on every GPU the policy wants spares on (in the background;
     finding the GPUs runs nvidia-smi, which must not delay the server's start)."""
     def go() -> None:
-        from .jobs import executor
-
-        base = ws.baseline_solution()
-        lang = base["spec"]["language"] if base else "python"
+        lang = trusted_language(ws.baseline_solution())
         for lease in executor().slots:
             if lease.kind == "cuda":
                 # On a GPU the job environment does not depend on the candidate's language.
