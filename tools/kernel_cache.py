@@ -75,10 +75,11 @@ def restore(ws: Workspace, key: str, job_dir: Path) -> int:
             return 0
         for rel in KEPT:
             if (src / rel).is_dir():
-                _copy_files(src / rel, job_dir / rel, 0o777, 0o666, _regular_files(src / rel))
+                files = _regular_files(src / rel)
+                _copy_files(src / rel, job_dir / rel, 0o777, 0o666, files)
                 for d in [job_dir / p for p in list(rel.parents)[:-1]]:
                     d.chmod(0o777)
-                n += len(_regular_files(job_dir / rel))
+                n += len(files)
     except OSError:  # a concurrent keep replaced it: what was copied is whole files, the rest compiles
         pass
     return n
