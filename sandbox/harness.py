@@ -389,11 +389,10 @@ def compare_output(name: str, got: Any, ref: torch.Tensor, atol: float, rtol: fl
     rel_err = abs_err / (y.abs() + 1e-8)
     exceeds = (abs_err > atol) & (rel_err > rtol)
     flat_abs = abs_err.flatten()
-    floating = got.dtype.is_floating_point
-    nan, inf = (torch.isnan(x), torch.isinf(x)) if floating else (None, None)
+    # NaN/Inf masks (all False for integers, which have neither).
+    nan, inf = (torch.isnan(x), torch.isinf(x)) if got.dtype.is_floating_point else (x != x, x != x)
     # Every figure in one transfer: each .item() of its own would wait for the device again.
-    figures = [nan.sum() if floating else exceeds.new_zeros(()), inf.sum() if floating else exceeds.new_zeros(()),
-               exceeds.sum(), flat_abs.argmax(), flat_abs.max(), rel_err.max()]
+    figures = [nan.sum(), inf.sum(), exceeds.sum(), flat_abs.argmax(), flat_abs.max(), rel_err.max()]
     n_nan, n_inf, n_bad, i_max, max_abs, max_rel = torch.stack([f.double() for f in figures]).tolist()
     n_nan, n_inf, n_bad, i_max = int(n_nan), int(n_inf), int(n_bad), int(i_max)
     if n_nan or n_inf:
