@@ -77,7 +77,8 @@ def profile(call: CallContext, args: ProfileInput) -> Reply[ProfileOutput]:
     range after warm-up). Stores the report, links it to the candidate, and returns the diagnosis: primary
     bottleneck with its deciding metrics, six dimensions, up to five ranked actions with evidence, hotspot
     source lines and wiki pages. Says plainly when `ncu` is not installed."""
-    from kda.tools.profile import collect, resolve_candidate
+    from kda.tools.candidate import resolve_candidate
+    from kda.tools.profile import collect
 
     cand = resolve_candidate(call.ws, args.path, args.candidate)
     res = collect(call.ws, cand, args.workload, call.role)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED, mcp_client
+from kda.tools.candidate import resolve_candidate
 from kda.tools.errors import BadInput, KdaError, NotAvailable
 from kda.tools.profile import (
     REPORT_MEDIA_TYPE,
     default_workload,
     extract_report_file,
     find_ncu,
-    resolve_candidate,
     summary_for,
 )
 

@@ -144,9 +144,7 @@ def resolve_candidate(ws: Workspace, path: Optional[str], candidate: Optional[st
     """The candidate a tool call names: `path` (a directory under work/) or `candidate` (an id)."""
     if bool(path) == bool(candidate):
         raise BadInput("give exactly one of `path` (a candidate directory under work/) or `candidate` (an id)")
-    rel = path or candidate
-    assert rel is not None
-    if not rel.startswith("work/") and not path:
+    if candidate and not candidate.startswith("work/"):
         raise NotAvailable(f"no recorded candidate {candidate!r}: recorded candidate ids need the candidate "
                            "registry, which this build does not have yet; pass path='work/<dir>'")
-    return load_candidate(ws, rel)
+    return load_candidate(ws, path or candidate)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
-from .candidate import Candidate, resolve_candidate
+from .candidate import Candidate
 from .errors import BadInput, KdaError, NotAvailable
 from .jobs import CancelToken, executor
 from .ncu_extract import EXIT_NO_MODULE
@@ -360,4 +360,4 @@ def _device_name() -> Optional[str]:
 
 
 __all__ = ["collect", "summary_for", "diff_for", "report_data", "extract_report_file", "find_ncu", "ncu_argv",
-           "default_workload", "resolve_candidate"]
+           "default_workload"]
