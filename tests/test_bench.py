@@ -496,6 +496,13 @@ RMS_LINES = (
 )
 
 
+async def _bench_source(workspace, name: str, code: str) -> dict:
+    """A python candidate from source, benchmarked on batch 1 through a writer session."""
+    path = _write_candidate(workspace, name, code)
+    async with mcp_client(workspace, "writer") as client:
+        return await _bench(client, path=path, workloads=[BATCH1], mode="quick")
+
+
 @pytest.mark.anyio
 async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
     """Compilers cache under HOME (the worker's job dir, inside .kda/jobs/): not a violation."""
@@ -507,9 +514,7 @@ async def test_candidate_may_write_caches_in_its_own_job_dir(workspace):
         "    open(os.path.join(d, 'entry'), 'w').write('x')\n"
         + RMS_LINES
     )
-    path = _write_candidate(workspace, "caching", code)
-    async with mcp_client(workspace, "writer") as client:
-        out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
+    out = await _bench_source(workspace, "caching", code)
     assert out["status"] == "PASSED", out
 
 
@@ -524,9 +529,7 @@ async def test_copying_from_a_protected_file_is_a_read_not_a_write(workspace):
         "def run(hidden_states, weight, output):\n"
         + RMS_LINES
     )
-    path = _write_candidate(workspace, "copier", code)
-    async with mcp_client(workspace, "writer") as client:
-        out = await _bench(client, path=path, workloads=[BATCH1], mode="quick")
+    out = await _bench_source(workspace, "copier", code)
     assert out["status"] == "PASSED", out["workloads"][0]
     assert any("definition.json" in f for f in out["flags"]), out["flags"]
 
