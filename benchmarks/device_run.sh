@@ -26,6 +26,7 @@ for d in /opt/nvidia/nsight-compute/*/; do [ -x "$d/ncu" ] && export PATH=$d:$PA
   bwrap --version && bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all --die-with-parent true && echo "bwrap works"
 } 2>&1 | tee "$OUT/env.txt"
 STEPS=${STEPS:-"gputests benchtests"}
+TIMING_STATE_ARGS=${TIMING_STATE_ARGS:-}
 
 NOWIKI="--ignore=tests/test_wiki_schema.py --ignore=tests/test_wiki_search.py --ignore=tests/wiki_eval"
 for step in $STEPS; do
@@ -37,6 +38,7 @@ for step in $STEPS; do
     alltests) timeout 500 python3 -m pytest -q -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/all_tests.log" | tail -40 ;;
     fidelity) timeout ${FIDELITY_TIMEOUT:-420} python3 benchmarks/fidelity.py --out "$OUT" $FIDELITY_ARGS 2>&1 | tee "$OUT/fidelity.log" | tail -40 ;;
     profile) timeout 240 python3 benchmarks/profile.py --repeats 3 --device-repeats 3 2>&1 | tee "$OUT/profile.log" | tail -30 ;;
+    timing_state) timeout ${TIMING_STATE_TIMEOUT:-300} python3 benchmarks/timing_state.py --out "$OUT" --dataset "$PWD/.shared/fixtures/flashinfer-trace" $TIMING_STATE_ARGS 2>&1 | tee "$OUT/timing_state.log" | tail -30 ;;
     compile) timeout 120 python3 benchmarks/compile.py --out "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log" | tail -20 ;;
   esac
 done

@@ -245,14 +245,19 @@ for w in wls:
     inputs = H.make_inputs(d, w, 99, torch.device("cuda"))
     outputs = H.alloc_outputs(d, w, torch.device("cuda"))
     for _ in range({reps}):
+        if {hold}:  # a spin kernel before the launch keeps the GPU busy and its clock up
+            torch.cuda._sleep(2_000_000)
         fn(*inputs, *outputs)
     torch.cuda.synchronize()
 '''
 
 
-def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str = "all") -> dict[str, Any]:
+def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str = "all",
+        hold: bool = False) -> dict[str, Any]:
     """Nsight Compute's gpu__time_duration at the clocks the GPU runs at (no clock locking).
-    cache_control "all" (ncu's default) flushes every cache before each launch; "none" leaves them."""
+    cache_control "all" (ncu's default) flushes every cache before each launch; "none" leaves them.
+    hold: each launch is queued behind a ~1 ms spin kernel (not profiled), so the GPU is busy, not
+    idle, just before it, as in our harness."""
     from kda.tools.profile import find_ncu
 
     exe = find_ncu()
@@ -261,7 +266,7 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str
     tmp = Path(tempfile.mkdtemp(prefix="fid-ncu-"))
     (tmp / "wls.json").write_text(json.dumps(wls))
     drv = tmp / "driver.py"
-    drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps))
+    drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps, hold=hold))
     cmd = [exe, "--clock-control", "none", "--cache-control", cache_control, "--metrics", "gpu__time_duration.sum", "--csv", "--kernel-name",
            f"regex:{kernel}", sys.executable, str(drv)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -282,6 +287,10 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str
 
 
 # --- report -------------------------------------------------------------------------------------
+NCU_VARIANTS = {"ncu_nocache": "without the cache flush (`--cache-control none`)",
+                "ncu_held": "with its cache flush, each launch queued behind a spin kernel (GPU busy before it)"}
+
+
 def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     ncu_m = (res.get("ncu") or {}).get("median_us", {})
@@ -290,12 +299,13 @@ def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, An
         row: dict[str, Any] = {"task": task, "uuid": u, "axes": w["axes"]}
         ref = ncu_m.get(u, [None])[0]
         row["ncu_us"] = ref
-        nc = ((res.get("ncu_nocache") or {}).get("median_us") or {}).get(u)
-        if nc:
-            row["ncu_nocache_us"] = nc[0]
-            vals = ((res.get("ours") or {}).get("median_us") or {}).get(u)
-            if vals:
-                row["ours_vs_ncu_nocache"] = statistics.median(vals) / nc[0] - 1
+        for variant in NCU_VARIANTS:
+            nc = ((res.get(variant) or {}).get("median_us") or {}).get(u)
+            if nc:
+                row[f"{variant}_us"] = nc[0]
+                vals = ((res.get("ours") or {}).get("median_us") or {}).get(u)
+                if vals:
+                    row[f"ours_vs_{variant}"] = statistics.median(vals) / nc[0] - 1
         for h in ("ours", "ours_events", "do_bench", "fib_persistent", "fib_isolated"):
             vals = ((res.get(h) or {}).get("median_us") or {}).get(u)
             if not vals:
@@ -325,9 +335,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             sp = r.get(f"{h}_spread")
             cells.append(f"{fmt(r.get(f'{h}_us'))} / {fmt(sp, True).lstrip('+') if sp is not None else '-'} / "
                          f"{fmt(r.get(f'{h}_vs_ncu'), True)}")
-        if "ncu_nocache_us" in r:
-            cells.append(f"ncu without cache flush {fmt(r['ncu_nocache_us'])}, ours "
-                         f"{fmt(r.get('ours_vs_ncu_nocache'), True)}")
+        for variant, what in NCU_VARIANTS.items():
+            if f"{variant}_us" in r:
+                cells.append(f"ncu {what} {fmt(r[f'{variant}_us'])}, ours {fmt(r.get(f'ours_vs_{variant}'), True)}")
         say(" | ".join(cells))
 
 
@@ -348,13 +358,15 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], walls: dict[str, A
                       fmt(r.get(f"{h}_vs_ncu"), True)]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    nocache = [r for r in rows if "ncu_nocache_us" in r]
-    if nocache:
-        out += ["Nsight Compute with `--cache-control none` (no cache flush before the launch):", "",
-                "| task | axes | ncu us | ncu no-flush us | ours us | ours vs ncu no-flush |", "|---|---|---|---|---|---|"]
+    variants = [v for v in NCU_VARIANTS if any(f"{v}_us" in r for r in rows)]
+    if variants:
+        out += ["Nsight Compute " + "; ".join(f"{v}: {NCU_VARIANTS[v]}" for v in variants) + ":", "",
+                "| task | axes | ncu us | ours us | " + " | ".join(f"{v} us | ours vs {v}" for v in variants) + " |",
+                "|" + "---|" * (4 + 2 * len(variants))]
         out += [f"| {r['task']} | {','.join(f'{k}={v}' for k, v in r['axes'].items())} | {fmt(r.get('ncu_us'))} | "
-                f"{fmt(r['ncu_nocache_us'])} | {fmt(r.get('ours_us'))} | {fmt(r.get('ours_vs_ncu_nocache'), True)} |"
-                for r in nocache]
+                f"{fmt(r.get('ours_us'))} | " + " | ".join(f"{fmt(r.get(f'{v}_us'))} | {fmt(r.get(f'ours_vs_{v}'), True)}"
+                                                            for v in variants) + " |"
+                for r in rows]
         out.append("")
     for task, w in walls.items():
         parts = [f"{h} {statistics.median(v):.1f} s" for h, v in w.items() if isinstance(v, list) and v]
@@ -472,13 +484,16 @@ def main(argv: list[str] | None = None) -> int:
                 if "ncu_nocache" in want:
                     res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
                                                  lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)
+                if "ncu_held" in want:
+                    res["ncu_held"] = guarded(f"{task}/ncu_held",
+                                              lambda: ncu(ws, wls, KERNELS[task][0], hold=True), skipped)
             else:
                 skipped[f"{task}/do_bench, flashinfer-bench, ncu"] = "no CUDA GPU"
             walls[task] = {h: (res.get(h) or {}).get("wall_s") for h in ("ours", "fib_persistent", "fib_isolated")}
             walls[task]["ours_cold"] = (res.get("ours") or {}).get("wall_cold_s")
             walls[task]["workloads"] = len(wls)
             details[task] = {k: (res.get("ours") or {}).get(k)
-                             for k in ("phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode")}
+                             for k in ("median_us", "phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode")}
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):

@@ -1,0 +1,251 @@
+"""Where a benchmark's variance and wall time come from, measured piece by piece on one GPU.
+
+    python benchmarks/timing_state.py --dataset DIR [--out DIR]
+
+An experiment behind the harness's settings, not the product. In one process, with the bench
+worker's primitives (L2 flush by reading, spin hold, CUPTI spans) and the Triton RMSNorm the
+benchmark tests measure:
+
+1. placement: the same kernel on each of several input sets (separate allocations), in passes;
+   per set and per pass medians. A set-to-set spread well above the pass-to-pass spread of one
+   set says the run-to-run shifts come from where the buffers lie, so more input sets help.
+2. cache: small workloads with the L2 flushed (the harness), not flushed, flushed after a
+   different large kernel ran (instruction caches disturbed), and launched after the GPU idled
+   for 2 ms (as between Nsight Compute's serialized launches) with no hold before it.
+3. checks: the results file (save, load) and compare_output of one large output, each part
+   synchronized, alone and beside a second process keeping the GPU busy.
+
+Prints a table per part and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "tests" / "data_bench" / "triton_rmsnorm"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def smi() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: {e}"
+
+
+def rel_spread(xs: list[float]) -> float:
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+class Bench:
+    def __init__(self, definition: dict) -> None:
+        import torch
+
+        from kda.sandbox import device_trace as DT
+        from kda.sandbox import harness as H
+
+        self.torch, self.H, self.DT = torch, H, DT
+        self.d = definition
+        self.dev = torch.device("cuda")
+        self.fn = H.load_entry(KERNEL_DIR, "kernel.py::run", "ts_rmsnorm")
+        self.flush = H.L2Flusher(self.dev)
+        self.hold = DT.SpinHold(self.dev)
+        self.tracer = DT.Tracer()
+
+    def sets(self, wl: dict, n: int) -> list[tuple[list, list]]:
+        H = self.H
+        return [(H.make_inputs(self.d, wl, 1000 + i, self.dev), H.alloc_outputs(self.d, wl, self.dev)) for i in range(n)]
+
+    def block(self, wl: dict, sets: list[tuple[list, list]], iters: int, flush: bool = True,
+              before: Any = None, idle_s: float = 0.0) -> list[float]:
+        """Device spans (us) of `iters` calls cycling over `sets`, as the bench worker times them."""
+        torch, H = self.torch, self.H
+        self.tracer.start()
+        for j in range(iters):
+            ins, outs = sets[j % len(sets)]
+            H.refill_inputs_(self.d, wl, ins, 7 + j)
+            if before is not None:
+                before()
+            if flush:
+                self.flush()
+            torch.cuda.synchronize()
+            if idle_s:  # the GPU idles before the launch, as between Nsight Compute's launches
+                time.sleep(idle_s)
+            self.hold(1.0 if idle_s else 40.0)
+            self.fn(*ins, *outs)
+            torch.cuda.synchronize()
+            self.hold.mark()
+        spans = self.tracer.spans_us(self.tracer.stop(), iters)
+        return [s for s, _, _ in spans]
+
+
+def placement(b: Bench, wls: list[dict], n_sets: int, passes: int, iters: int) -> list[dict]:
+    rows = []
+    for wl in wls:
+        sets = b.sets(wl, n_sets)
+        b.block(wl, sets, 50)  # warm-up: compile, clocks
+        per_set: dict[int, list[float]] = {i: [] for i in range(n_sets)}
+        per_pass_set: dict[int, list[float]] = {i: [] for i in range(n_sets)}
+        clocks = [smi()]
+        for _ in range(passes):
+            for i in range(n_sets):
+                xs = b.block(wl, [sets[i]], iters)
+                per_set[i] += xs
+                per_pass_set[i].append(statistics.median(xs))
+            clocks.append(smi())
+        set_medians = [statistics.median(v) for v in per_set.values()]
+        within = [rel_spread(v) for v in per_pass_set.values()]
+        # What a run with 3 sets (the harness's old setting) or all sets would report, per pass.
+        runs3 = [statistics.median(sum((per_pass_set[i][p:p + 1] for i in range(k, k + 3)), []))
+                 for p in range(passes) for k in range(0, n_sets - 2, 3)]
+        row = {"axes": wl["axes"], "set_medians_us": set_medians, "set_spread": rel_spread(set_medians),
+               "pass_spread_within_set_median": statistics.median(within),
+               "pass_medians_us": per_pass_set, "clocks": clocks, "runs_of_3_sets_spread": rel_spread(runs3)}
+        rows.append(row)
+        say(f"  placement {wl['axes']}: set medians {min(set_medians):.3f}..{max(set_medians):.3f} us "
+            f"(spread {row['set_spread']:.2%}), pass-to-pass within a set {row['pass_spread_within_set_median']:.2%}, "
+            f"3-set runs {row['runs_of_3_sets_spread']:.2%}; clocks {clocks[0]} -> {clocks[-1]}")
+        del sets
+    return rows
+
+
+def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
+    torch = b.torch
+    big = torch.randn(4096, 4096, device=b.dev, dtype=torch.bfloat16)
+    rows = []
+    for wl in wls:
+        sets = b.sets(wl, 3)
+        b.block(wl, sets, 50)
+        res = {"axes": wl["axes"]}
+        for name, kw in (("l2_flush", {}), ("no_flush", {"flush": False}),
+                         ("matmul_then_flush", {"before": lambda: torch.mm(big, big)}),
+                         ("idle_2ms_then_launch", {"idle_s": 0.002})):
+            res[name] = statistics.median(b.block(wl, sets, iters, **kw))
+        rows.append(res)
+        say(f"  cache {wl['axes']}: " + ", ".join(f"{k} {v:.3f} us" for k, v in res.items() if k != "axes"))
+    return rows
+
+
+BUSY = """
+import torch, time
+x = torch.randn(8192, 8192, device="cuda")
+t0 = time.time()
+while time.time() - t0 < {secs}:
+    for _ in range(20):
+        x = torch.tanh(x)
+    torch.cuda.synchronize()
+"""
+
+
+def checks(b: Bench, wl: dict, tmp: Path, busy: bool) -> dict:
+    torch, H = b.torch, b.H
+    from kda.sandbox import exchange
+
+    ref_fn = H.load_source_function(b.d["reference"], str(tmp / "ref.py"))
+    proc = subprocess.Popen([sys.executable, "-c", BUSY.format(secs=60)]) if busy else None
+    if proc:
+        time.sleep(5)  # its context is up and running
+    try:
+        t: dict[str, list[float]] = {}
+
+        def lap(k: str, t0: float) -> float:
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            t.setdefault(k, []).append(now - t0)
+            return now
+
+        stage_w, stage_r = exchange.Staging(True), exchange.Staging(True)
+        for rep in range(3):
+            records, refs = [], []
+            for i in range(3):
+                ins = H.make_inputs(b.d, wl, 50 + i, b.dev)
+                outs = H.alloc_outputs(b.d, wl, b.dev)
+                t0 = time.perf_counter()
+                b.fn(*ins, *outs)
+                t0 = lap("candidate_call", t0)
+                records.append({"outputs": [o.clone() for o in outs], "inputs": [json.dumps(H.input_digest(x)) for x in ins]})
+                t0 = lap("copy_and_digest", t0)
+                refs.append(ref_fn(*[x.clone() for x in ins]))
+                lap("reference", t0)
+            for where in (tmp, Path("/dev/shm")):
+                f = where / f"kda-ts-{os.getpid()}.kdax"
+                t0 = time.perf_counter()
+                exchange.save(records, str(f), stage_w)
+                t0 = lap(f"save[{where.name or where}]", t0)
+                got = exchange.load(str(f), stage_r)
+                lap(f"load[{where.name or where}]", t0)
+                f.unlink()
+            for r, ref in zip(got, refs):
+                t0 = time.perf_counter()
+                x = r["outputs"][0].to(device=b.dev)
+                t0 = lap("h2d", t0)
+                H.compare_output("output", r["outputs"][0], ref, 1e-2, 1e-2, 1.0)
+                t0 = lap("compare_output", t0)
+                x.float()
+                lap("widen", t0)
+        return {k: statistics.median(v) * 1e3 for k, v in t.items()} | {"busy": busy}
+    finally:
+        if proc:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--sets", type=int, default=12)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    if not torch.cuda.is_available():
+        say("no CUDA GPU: this experiment measures GPU timing")
+        return 2
+    ds = Path(a.dataset)
+    d = json.loads((ds / "definitions" / "rmsnorm" / "rmsnorm_h4096.json").read_text())
+    wls = [json.loads(x)["workload"] for x in (ds / "workloads" / "rmsnorm" / "rmsnorm_h4096.jsonl").read_text().splitlines() if x.strip()]
+    by_b = {w["axes"]["batch_size"]: w for w in wls}
+    pick = [by_b[k] for k in (7, 170, 8804, 14509) if k in by_b]
+    b = Bench(d)
+    out: dict[str, Any] = {"env": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "clocks_start": smi()}}
+    say("== placement (per input set)")
+    out["placement"] = placement(b, pick, a.sets, a.passes, a.iters)
+    say("== cache state")
+    out["cache"] = cache(b, pick[:2], 200)
+    say("== correctness check costs (ms, median of 3)")
+    with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+        for busy in (False, True):
+            r = checks(b, by_b[14509], Path(tmp), busy)
+            out.setdefault("checks", []).append(r)
+            say("  " + ("beside a busy process: " if busy else "alone: ") + ", ".join(
+                f"{k} {v:.1f}" for k, v in r.items() if k != "busy"))
+    out["env"]["clocks_end"] = smi()
+    p = Path(a.out) / f"timing-state-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=1, default=str))
+    say(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
