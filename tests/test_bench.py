@@ -156,6 +156,16 @@ def test_physical_floor_bytes():
     assert floor.floor_us(24576, 1e10, "cpu") is None  # fits in cache: no floor on a CPU
 
 
+def test_input_sets_fill_the_budget_on_a_gpu_and_stay_three_on_a_cpu():
+    d = _definition()
+    small, large = {"axes": {"batch_size": 1}}, {"axes": {"batch_size": 8192}}
+    assert bench.input_sets(d, small, "cuda") == bench.MAX_SETS
+    per_set = floor.min_bytes(d, large)  # 128 MiB and a little: the budget holds 15 of them
+    assert bench.input_sets(d, large, "cuda") == bench.GPU_SETS_BYTES // per_set == 15
+    assert bench.input_sets(d, {"axes": {"batch_size": 10 ** 6}}, "cuda") == bench.MIN_SETS
+    assert bench.input_sets(d, small, "cpu") == bench.input_sets(d, large, "cpu") == bench.MIN_SETS
+
+
 def test_bad_requests_are_refused_before_anything_runs(workspace):
     with pytest.raises(PathRefused):
         bench.prepare(workspace, "task", None, "all", "quick", "writer")

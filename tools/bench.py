@@ -50,7 +50,21 @@ SUPPORTED_LANGUAGES = ("python", "triton", "cpp", "cuda")
 SEVERITY = ("SANDBOX_VIOLATION", "TIMING_TAMPERED", "BELOW_PHYSICAL_FLOOR", "INPUT_MUTATED", "COMPILE_ERROR",
             "RUNTIME_ERROR", "TIMEOUT", "INCORRECT_SHAPE", "INCORRECT_DTYPE", "INCORRECT_NUMERICAL", "PASSED")
 MAX_RESTARTS = 2
-SLOTS = 3
+# Input sets a workload's timed iterations rotate over. Where the buffers lie in device memory
+# moves a kernel's time: on an H200 (2026-11-30, benchmarks/timing_state.py) the median of one
+# set differed from the next by up to 1.3% at 33-56 us and 5.7% at ~2 us, two to three times
+# its own pass-to-pass spread. A GPU run therefore rotates over as many sets as fit the budget,
+# so its median averages many placements; on the CPU three sets keep caches from helping.
+MIN_SETS, MAX_SETS = 3, 32
+GPU_SETS_BYTES = 2 << 30
+
+
+def input_sets(definition: dict[str, Any], workload: dict[str, Any], device: str) -> int:
+    """How many independent input sets (with their outputs) one worker keeps for timing."""
+    if device == "cpu":
+        return MIN_SETS
+    per_set = max(1, floor_mod.min_bytes(definition, workload))
+    return max(MIN_SETS, min(MAX_SETS, GPU_SETS_BYTES // per_set))
 
 
 @dataclass(frozen=True)
@@ -207,6 +221,7 @@ class WorkloadState:
     cand_warmup: list[dict] = field(default_factory=list)
     overhead_us: float = 0.0
     timed_checks: int = 0
+    sets: int = MIN_SETS
 
     def fail(self, status: str, check: str | None, evidence: str) -> None:
         if SEVERITY.index(status) < SEVERITY.index(self.status):
@@ -308,8 +323,11 @@ class BenchRun:
                                  safetensors_root=str(self.ws.task_dir))
 
     def _exchange(self) -> Path:
+        """The next results file. Two alternate (the candidate writes one while the trusted worker
+        reads the other) and stay for the run: written again in place, their pages are reused
+        (see exchange.save). A file is read only after the write the orchestrator asked for."""
         self.n_exchange += 1
-        return self.cand_dir / "x" / f"{self.n_exchange}.kdax"
+        return self.cand_dir / "x" / f"{self.n_exchange % 2}.kdax"
 
     # -- phases
     def run(self) -> tuple[str, dict[str, Any]]:
@@ -352,6 +370,8 @@ class BenchRun:
         self.device = "cpu" if lease.kind == "cpu" else "cuda"
         s = settings_for(self.req.mode, self.device, self.pol.correctness.min_trials)
         self.settings = s
+        for st in self.states:
+            st.sets = input_sets(self.definition, st.wl, self.device)
         with self.phase("gpu_snapshot"):
             env_start = gpu_snapshot(lease)
         total = len(self.states)
@@ -391,7 +411,7 @@ class BenchRun:
             self.cancel.check()
             key = st.wl["uuid"]
             with self.phase("baseline_alone"):
-                self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=SLOTS)
+                self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=st.sets)
                 # Half a block: enough for the interference check's interval.
                 r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup,
                                          min_iters=max(5, s.min_iters // 2), max_iters=s.max_iters,
@@ -498,7 +518,6 @@ class BenchRun:
                 rep = cand.receive(rid, self.call_timeout + 5 + io_s, "trial")
             except WorkerFailure as e:
                 self._candidate_failed(st, e)
-                x.unlink(missing_ok=True)
                 continue
             if rep.get("census"):
                 st.notes.append("the call ran torch compute ops (a torch fallback?): "
@@ -506,8 +525,6 @@ class BenchRun:
             self._collect(st)
             if st.status == "PASSED":
                 pending = (st, seeds, x)
-            else:
-                x.unlink(missing_ok=True)
             self.progress(0, total, f"trials of {i + 1}/{total} workload(s) run")
         if pending:
             self._check_trials(*pending)
@@ -524,8 +541,6 @@ class BenchRun:
             st.fail(e.status, e.check, f"the trusted worker could not check this workload's results (the reference "
                     f"side failed, which may not be the candidate's doing): {e.evidence}")
             return
-        finally:
-            x.unlink(missing_ok=True)
         self.trusted.take_alerts()
         st.correctness = {k: chk.get(k) for k in ("max_abs", "max_rel", "matched_ratio")}
         st.correctness["trials"] = len(seeds)
@@ -557,8 +572,8 @@ class BenchRun:
         pol = self.pol.correctness
         try:
             with self.phase("prepare"):
-                cand.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
-                self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=SLOTS)
+                cand.request("prepare", 300, key=key, workload=st.wl, slots=st.sets)
+                self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=st.sets)
             order = ["B", "C", "C", "B"] * s.rounds
             # Which candidate blocks get a timed output checked: all in full mode; in quick mode one,
             # drawn from the run's secret, which the candidate never sees.
@@ -593,14 +608,13 @@ class BenchRun:
                     if bi not in checked:
                         self._collect(st)
                         continue
-                    slot = self.rng.randrange(SLOTS)
+                    slot = self.rng.randrange(st.sets)
                     x = self._exchange()
                     with self.phase("timed_checks"):
                         saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
                         chk = self.trusted.request("check", 300, workload=st.wl, seeds=[saved["seed"]], file=str(x),
                                                    atol=pol.atol, rtol=pol.rtol, ratio=pol.required_matched_ratio,
                                                    inputs=False, label=f"timed iteration of block {bi}")
-                    x.unlink(missing_ok=True)
                     st.timed_checks += 1
                     self._collect(st)
                     if chk["status"] != "PASSED":
@@ -768,7 +782,8 @@ class BenchRun:
             "baseline": self.baseline["name"] if self.baseline else "reference",
             "selection": self.req.selection, "aggregate": agg, "workloads": rows, "flags": flags,
             "lock_after": lock_problem or "ok", "env": env,
-            "config": {**self.settings.__dict__, "slots": SLOTS, "order": "B C C B" + " B C C B" * (self.settings.rounds - 1),
+            "config": {**self.settings.__dict__, "input_sets": {st.wl["uuid"]: st.sets for st in self.states},
+                       "order": "B C C B" + " B C C B" * (self.settings.rounds - 1),
                        "atol": self.pol.correctness.atol, "rtol": self.pol.correctness.rtol,
                        "required_matched_ratio": self.pol.correctness.required_matched_ratio,
                        "call_timeout_s": self.call_timeout, "interference_ratio": self.pol.benchmark.interference_ratio,
