@@ -507,7 +507,7 @@ class Worker:
         wl = p["workload"]
         try:
             with part("load"):
-                recs = _load(p["file"], self.staging)
+                recs = _load(p["file"], self.staging, threads=4)
         except Exception as e:
             return {"status": "RUNTIME_ERROR", "check": "results_file",
                     "evidence": f"the candidate's results file could not be read: {type(e).__name__}: {str(e)[:300]}"}
