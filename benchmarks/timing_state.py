@@ -90,7 +90,14 @@ class Bench:
             self.fn(*ins, *outs)
             torch.cuda.synchronize()
             self.hold.mark()
-        spans = self.tracer.spans_us(self.tracer.stop(), iters)
+        acts = self.tracer.stop()
+        spans = self.tracer.spans_us(acts, iters)
+        # The device's own launch gap: from the end of each hold to the start of the call's first
+        # work (the launch was queued long before), which the span above leaves out.
+        holds = [a for a in acts if self.DT.SPIN in a.name][0::2]
+        work = [a for a in acts if self.DT.SPIN not in a.name]
+        self.last_gaps = [min((w.start_ns for w in work if w.start_ns >= h.end_ns), default=h.end_ns) / 1e3
+                          - h.end_ns / 1e3 for h in holds]
         return [s for s, _, _ in spans]
 
 
@@ -136,6 +143,7 @@ def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
                          ("matmul_then_flush", {"before": lambda: torch.mm(big, big)}),
                          ("idle_2ms_then_launch", {"idle_s": 0.002})):
             res[name] = statistics.median(b.block(wl, sets, iters, **kw))
+            res[name + "_launch_gap"] = statistics.median(b.last_gaps)
         rows.append(res)
         say(f"  cache {wl['axes']}: " + ", ".join(f"{k} {v:.3f} us" for k, v in res.items() if k != "axes"))
     return rows
@@ -211,6 +219,7 @@ def main() -> int:
     ap.add_argument("--sets", type=int, default=12)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--parts", default="placement,cache,checks", help="which parts to run, comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -228,23 +237,31 @@ def main() -> int:
     out: dict[str, Any] = {"env": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                    "clocks_start": smi()}}
-    say("== placement (per input set)")
-    out["placement"] = placement(b, pick, a.sets, a.passes, a.iters)
-    say("== cache state")
-    out["cache"] = cache(b, pick[:2], 200)
-    say("== correctness check costs (ms, median of 3)")
-    with tempfile.TemporaryDirectory(dir=REPO) as tmp:
-        for busy in (False, True):
-            r = checks(b, by_b[14509], Path(tmp), busy)
-            out.setdefault("checks", []).append(r)
-            say("  " + ("beside a busy process: " if busy else "alone: ") + ", ".join(
-                f"{k} {v:.1f}" for k, v in r.items() if k != "busy"))
+    parts = {p.strip() for p in a.parts.split(",")}
+    if "placement" in parts:
+        say("== placement (per input set)")
+        out["placement"] = placement(b, pick, a.sets, a.passes, a.iters)
+    if "cache" in parts:
+        say("== cache state")
+        out["cache"] = cache(b, pick, 200)
+    if "checks" in parts:
+        say("== correctness check costs (ms, median of 3)")
+        checks_part(b, by_b, out)
     out["env"]["clocks_end"] = smi()
     p = Path(a.out) / f"timing-state-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=1, default=str))
     say(f"wrote {p}")
     return 0
+
+
+def checks_part(b: Bench, by_b: dict, out: dict) -> None:
+    with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+        for busy in (False, True):
+            r = checks(b, by_b[14509], Path(tmp), busy)
+            out.setdefault("checks", []).append(r)
+            say("  " + ("beside a busy process: " if busy else "alone: ") + ", ".join(
+                f"{k} {v:.1f}" for k, v in r.items() if k != "busy"))
 
 
 if __name__ == "__main__":
