@@ -227,6 +227,9 @@ class Slots:
         self.seeds: list[int | None] = [None] * len(inputs)
         self.sums: list[list | None] = [None] * len(inputs)
         self.call_us: list[float] = []  # host launch times of the timed calls, for the hold
+        # The rotation over the sets continues from block to block (the orchestrator counts the
+        # calls to pick a set for the timed-output check that has been called more than once).
+        self.next_j = 0
 
 
 class Parts(dict):
@@ -571,7 +574,7 @@ class Worker:
         if tracer is not None:
             tracer.start()
         try:
-            j, ev, host, warm, left_threads = self._time_loop(p, sl, start_block, tracer is not None)
+            j, ev, host, covers, warm, left_threads = self._time_loop(p, sl, start_block, tracer is not None)
         except BaseException:
             if tracer is not None:
                 tracer.abandon()
@@ -603,13 +606,15 @@ class Worker:
                        f"{len(tids_block0) + len(grown)} after it")
         if self.role == "candidate":
             self._check_integrity("the timed block")
-        return {"lat_us": lat, "ev_us": ev, "host_us": host, "warmup": warm, "slot_seeds": sl.seeds,
+        return {"lat_us": lat, "ev_us": ev, "host_us": host, "covered": covers,
+                "warmup": warm, "slot_seeds": sl.seeds,
                 "overhead_us": self.overhead_us, "block_s": _perf() - start_block, "trace_s": trace_s,
                 "trace": trace_info, "threads": len(H.os_thread_ids())}
 
     def _time_loop(self, p: dict, sl: Slots, start_block: float, traced: bool):
         """The iterations of one block: (iterations run, event times of the timed ones, their host
-        times, the warm-up calls' wall and idle times, the most threads a call left behind)."""
+        times, whether the hold covered each one's launch, the warm-up calls' wall and idle times,
+        the most threads a call left behind)."""
         wl, k = sl.workload, len(sl.inputs)
         n_warm = int(p["warmup"])
         min_iters, max_iters = int(p.get("min_iters", 1)), int(p.get("max_iters", 1000))
@@ -617,6 +622,7 @@ class Worker:
         flush = bool(p.get("flush", True)) and self.flusher is not None
         ev: list[float] = []
         host: list[float] = []
+        covers: list[bool] = []
         warm: list[dict] = []
         left_threads = 0
         # Launch times persist across a workload's blocks, so a block's first hold is already right.
@@ -631,7 +637,7 @@ class Worker:
                 spent = _perf() - timed_start
                 if n >= max_iters or (n >= min_iters and spent >= target_s) or (n >= 1 and _perf() - start_block > max_s):
                     break
-            slot = j % k
+            slot = (sl.next_j + j) % k
             seed = H.mix_seed(p["seed"], j)
             H.refill_inputs_(self.definition, wl, sl.inputs[slot], seed)
             if flush:
@@ -662,6 +668,8 @@ class Worker:
                 # Host time of the frame less the hold as the device ran it (not as asked: the
                 # hold kernel may overrun), so what is left beyond the events is off-stream work.
                 held_us = _ev_elapsed(h_ev, s_ev) * 1e3 if hold else 0.0
+                # The hold covered the launch when the host queued the whole call before it ended.
+                covered = bool(hold) and held_us >= call_us[-1]
                 if hold and hasattr(self.holder, "observe"):
                     self.holder.observe(held_us)
                 h1 = h_end - held_us * 1e-6
@@ -671,6 +679,7 @@ class Worker:
                 res = self._call(self.callee, wl, sl.inputs[slot], sl.outputs[slot])
                 h1 = _perf()
                 ev_us = (h1 - h0) * 1e6
+                covered = False
             # Untimed: what the call left behind.
             new = H.new_threads(tids0)
             sl.sums[slot] = _checksum(res)
@@ -687,8 +696,10 @@ class Worker:
             else:
                 ev.append(ev_us)
                 host.append((h1 - h0) * 1e6)
+                covers.append(covered)
             j += 1
-        return j, ev, host, warm, left_threads
+        sl.next_j += j
+        return j, ev, host, covers, warm, left_threads
 
     def save_slot(self, p: dict) -> dict:
         sl = self.slots[p["key"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,14 @@ def test_workload_selection(workspace):
     for bad in ("sample:0", "sample:x", "some", ["nope"], []):
         with pytest.raises(BadInput):
             bench.select_workloads(d, wls, bad)
+
+
+def test_the_checked_input_set_was_called_twice_whenever_one_was():
+    rng = random.Random(0)
+    # 40 calls over 32 sets: only sets 0-7 were called twice; a cache keyed on buffers answered there.
+    assert {bench.set_to_check(40, 32, rng) for _ in range(200)} == set(range(8))
+    assert {bench.set_to_check(20, 32, rng) for _ in range(200)} == set(range(20))  # none twice yet
+    assert {bench.set_to_check(70, 32, rng) for _ in range(400)} == set(range(32))
 
 
 def test_physical_floor_bytes():
