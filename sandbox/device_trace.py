@@ -6,17 +6,9 @@ timestamps for every kernel, copy and memset the process runs, on every stream, 
 Nsight Compute's `gpu__time_duration` and Nsight Systems report. The bench worker brackets each
 timed call with two of torch's spin kernels (`torch.cuda._sleep`): a hold just before it, long
 enough for the host to queue the whole call behind it, and a one-cycle marker launched after the
-device has been synchronized. The call's device time runs from the end of the hold (its work was
-queued behind it; an activity on another stream that started earlier moves the start back to it)
-to the last end among activities that start before the marker: work on side streams is inside
-the span, never outside it.
-
-Why from the hold's end and not from the first kernel's start: the GPU takes about a microsecond
-to start a kernel that is already queued (1.0 us on an H200, 2026-11-30, benchmarks/
-timing_state.py), and it pays that for every launch. A span from the first start counted it for
-every kernel but the first, so a call of one kernel was charged nothing and a call of seven was
-charged six. Nsight Compute's gpu__time_duration includes it too: it read 0.5-1.5 us above the
-first-start span at every size, with and without its cache flush.
+device has been synchronized. The call's device time is the span from the first activity that
+starts after the hold begins to the last end among activities that start before the marker: work
+on side streams is inside the span, never outside it.
 
 Imported only by the GPU bench worker; `Tracer.available()` says whether this torch build has
 CUPTI (CPU builds do not), and the worker falls back to events when it does not.
@@ -134,9 +126,7 @@ class Tracer:
 
     def spans_us(self, acts: list[Activity], n: int) -> list[tuple[float, int, int]]:
         """Per iteration: (device span in us, activities, distinct streams) of what ran between the
-        iteration's hold and its marker, the span measured from the hold's end (or an earlier
-        start). A call with no device work reads 0. Raises TraceError unless there are exactly
-        `n` holds and `n` markers."""
+        iteration's hold and its marker. Raises TraceError unless there are exactly `n` of each."""
         spins = [a for a in acts if SPIN in a.name]
         if len(spins) != 2 * n:
             raise TraceError(f"the device trace holds {len(spins)} spin kernels for {n} timed iterations, "
@@ -157,5 +147,5 @@ class Tracer:
                 count += 1
                 streams.add(a.stream)
                 j += 1
-            out.append(((last - min(first, h.end_ns)) / 1e3 if first is not None else 0.0, count, len(streams)))
+            out.append(((last - first) / 1e3 if first is not None else 0.0, count, len(streams)))
         return out
