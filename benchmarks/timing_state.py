@@ -191,13 +191,13 @@ def checks(b: Bench, wl: dict, tmp: Path, busy: bool) -> dict:
                 t0 = lap("copy_and_digest", t0)
                 refs.append(ref_fn(*[x.clone() for x in ins]))
                 lap("reference", t0)
-            for where in (tmp, Path("/dev/shm")):
+            for label, where in (("disk", tmp), ("shm", Path("/dev/shm"))):
                 f = where / f"kda-ts-{os.getpid()}.kdax"
                 t0 = time.perf_counter()
                 exchange.save(records, str(f), stage_w)
-                t0 = lap(f"save[{where.name or where}]", t0)
+                t0 = lap(f"save[{label}]", t0)
                 got = exchange.load(str(f), stage_r)
-                lap(f"load[{where.name or where}]", t0)
+                lap(f"load[{label}]", t0)
                 f.unlink()
             for r, ref in zip(got, refs):
                 t0 = time.perf_counter()
