@@ -19,7 +19,8 @@ _WORKLOADS_DESC = ("'all', 'sample:N' (N workloads spread over the var axes, sma
 
 class _CandidateArgs(BaseModel):
     path: Optional[str] = Field(None, description="Candidate directory under work/ (e.g. 'work/v1').")
-    candidate: Optional[str] = Field(None, description="A recorded candidate id (instead of path).")
+    candidate: Optional[str] = Field(None, description=("A recorded candidate id instead of path: the candidate_hash "
+                                                         "of an earlier benchmark (8+ hex digits), its content as it was then."))
     workloads: WorkloadsArg = Field("all", description=_WORKLOADS_DESC)
     wait_s: float = Field(50.0, ge=0, le=600, description="Return the result if done within this many seconds, "
                                                           "else a job id for job_status.")

@@ -16,7 +16,8 @@ from .toolkit import CallContext, Reply, tool
 class CompileInput(BaseModel):
     path: Optional[str] = Field(None, description="Candidate directory under work/, e.g. 'work/v3'.")
     candidate: Optional[str] = Field(
-        None, description="Recorded candidate id (not available yet: there is no candidate registry; pass path).")
+        None, description="Not accepted by compile, which builds a directory's files: pass path. (benchmark, "
+                          "profile and verify take a recorded candidate id.)")
     arch: Optional[str] = Field(
         None, description="Target: sm_80, sm_86, sm_89, sm_90, sm_90a, sm_100a, sm_120 ... "
                           "Default: the local GPU's arch, else sm_90a.")
@@ -55,8 +56,8 @@ def compile_tool(call: CallContext, args: CompileInput) -> Reply[CompileResult]:
     artifact blob id, compile time and toolchain versions. Same sources, flags, arch and toolchain
     return the cached result (cached=true). ptx=true adds PTX lines, paginated by offset/limit."""
     if args.candidate and not args.path:
-        raise BadInput("compile by candidate id is not available yet (there is no candidate registry); "
-                       "pass path='work/<dir>' instead")
+        raise BadInput("compile builds a candidate directory's files: pass path='work/<dir>' (a recorded "
+                       "candidate id works with benchmark, profile and verify)")
     if args.candidate and args.path:
         raise BadInput("pass either path or candidate, not both")
     if not args.path:

@@ -15,7 +15,8 @@ from .toolkit import CallContext, Reply, tool
 
 class ProfileInput(BaseModel):
     path: Optional[str] = Field(None, description="Candidate directory under work/, e.g. 'work/v1'.")
-    candidate: Optional[str] = Field(None, description="A recorded candidate id (instead of `path`).")
+    candidate: Optional[str] = Field(None, description=("A recorded candidate id instead of `path`: the candidate_hash "
+                                                         "of an earlier benchmark (8+ hex digits)."))
     workload: Optional[str] = Field(
         None, description="Workload uuid to profile. Default: the workload where the candidate is slowest "
                           "against the baseline in its latest benchmark run (the largest one if never benchmarked).")

@@ -385,6 +385,47 @@ async def test_speedup_is_against_the_locked_baseline_solution(tmp_path):
 
 
 @pytest.mark.anyio
+async def test_a_benchmarked_candidate_is_recorded_and_measured_again_by_its_id(workspace):
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(workspace, "writer") as client:
+        first = await _bench(client, path=path, workloads=[BATCH1])
+        cid = first["candidate_hash"]
+        # The directory moves on; the id still names what was measured.
+        kernel = workspace.root / path / "kernel.py"
+        kernel.write_text(kernel.read_text() + "\n# edited after the run\n")
+        again = await _bench(client, candidate=cid[:12], workloads=[BATCH1])
+        assert again["candidate_hash"] == cid and again["status"] == "PASSED"
+        edited = await _bench(client, path=path, workloads=[BATCH1])
+        assert edited["candidate_hash"] != cid
+        for bad, why in (("zz-top", "8 to 64 hex digits"), ("deadbeef", "no recorded candidate"),
+                         (cid[:6], "8 to 64 hex digits")):
+            r = await client.call_tool("benchmark", {"candidate": bad, "workloads": [BATCH1]})
+            assert r.is_error and why in r.content[0].text, r.content[0].text
+    async with mcp_client(workspace, "reviewer") as client:
+        r = await client.call_tool("verify", {"candidate": cid, "workloads": [BATCH1], "wait_s": 300})
+        assert not r.is_error, r.content[0].text
+        assert r.structured_content["agreement"]["writer_run_id"] == again["run_id"]
+    recorded = {c["content_hash"] for c in workspace.store.find_candidates("", limit=10)}
+    assert recorded == {cid, edited["candidate_hash"]}  # the reviewer's verify recorded nothing
+
+
+def test_a_recorded_id_must_name_one_candidate(workspace):
+    from kda.tools.candidate import load_candidate, record_candidate, recorded_candidate
+
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    cand = load_candidate(workspace, path)
+    record_candidate(workspace, cand)
+    assert recorded_candidate(workspace, cand.content_hash[:8].upper()).sources == cand.sources
+    other = "e" if cand.content_hash[8] == "f" else "f"
+    with workspace.store.transaction() as db:  # a second content whose hash shares the first 8 digits
+        db.execute("INSERT INTO candidates(content_hash, path, created) VALUES (?,?,0)",
+                   (cand.content_hash[:8] + other * 56, "work/other"))
+    with pytest.raises(BadInput, match="more than one"):
+        recorded_candidate(workspace, cand.content_hash[:8])
+    assert recorded_candidate(workspace, cand.content_hash[:9]).content_hash == cand.content_hash
+
+
+@pytest.mark.anyio
 @pytest.mark.skipif(HAS_GPU, reason="CPU-only behaviour; tests/test_bench_gpu.py covers verify on a GPU")
 async def test_verify_on_cpu_says_the_official_harness_needs_a_gpu(workspace):
     path = _install(workspace, DATA / "torch_rmsnorm", "v1")

@@ -140,7 +140,9 @@ async def test_profile_bad_input(workspace):
         assert wl.is_error and "no workload 'no-such-uuid'" in wl.content[0].text
         outside = await c.call_tool("profile", {"path": "task"})
         assert outside.is_error and "under work/" in outside.content[0].text
-        unknown = await c.call_tool("profile", {"candidate": "cand_123"})
+        malformed = await c.call_tool("profile", {"candidate": "cand_123"})
+        assert malformed.is_error and "8 to 64 hex digits" in malformed.content[0].text
+        unknown = await c.call_tool("profile", {"candidate": "0123abcd"})
         assert unknown.is_error and "no recorded candidate" in unknown.content[0].text
 
 

@@ -37,7 +37,7 @@ from . import floor as floor_mod
 from . import kernel_cache
 from .bench_workers import (RunDirs, WorkerClient, WorkerFailure, WorkerPair, pair_key, spares, start_worker,
                             trusted_language)
-from .candidate import Candidate, resolve_candidate
+from .candidate import Candidate, record_candidate, resolve_candidate
 from .errors import BadInput, KdaError, LockMismatch, NotAvailable
 from .jobs import CancelToken, Lease, executor
 from .store import new_id
@@ -812,6 +812,8 @@ class BenchRun:
     def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         headline = headline_for(record)
         record["headline"] = headline
+        if self.req.kind == "benchmark":  # the writer's runs record what they measured (verify writes nothing else)
+            record_candidate(self.ws, self.req.candidate)
         self.ws.store.put_run(self.req.kind, self.req.role, record["status"], headline, record,
                               candidate_path=record["candidate_path"], candidate_hash=record["candidate_hash"],
                               device=record["device"], run_id=self.run_id)

@@ -9,13 +9,15 @@ compile tool, so a candidate packs to a `solution.json` one to one.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import sys
 from pathlib import PurePosixPath
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BadInput, NotAvailable, PathRefused
+from .errors import BadInput, PathRefused
 from .store import canonical_json
 from .workspace import Workspace
 
@@ -134,17 +136,49 @@ def load_candidate(ws: Workspace, rel_dir: str) -> Candidate:
             raise BadInput(f"{rel}/{frel} is not UTF-8 text") from None
     if spec.entry_file not in sources:
         raise BadInput(f"{rel}: entry point file {spec.entry_file!r} not found in the candidate")
-    digest = hashlib.sha256(
-        canonical_json({"spec": spec.model_dump(), "sources": sorted(sources.items())}).encode()
-    ).hexdigest()
+    digest = hashlib.sha256(_snapshot(spec, sources)).hexdigest()
     return Candidate(path=rel, spec=spec, sources=sources, content_hash=digest)
 
 
+def _snapshot(spec: CandidateSpec, sources: dict[str, str]) -> bytes:
+    """A candidate's whole content as canonical JSON: its sha256 is the candidate's content hash."""
+    return canonical_json({"spec": spec.model_dump(), "sources": sorted(sources.items())}).encode()
+
+
+def record_candidate(ws: Workspace, cand: Candidate) -> str:
+    """Keep the candidate's content in the store under its content hash, which becomes an id that
+    `candidate=` accepts: the same content even after the directory it came from has changed."""
+    ws.store.put_candidate(cand.content_hash, cand.path, _snapshot(cand.spec, cand.sources))
+    return cand.content_hash
+
+
+def recorded_candidate(ws: Workspace, cid: str) -> Candidate:
+    """A recorded candidate by its content hash, or a prefix of at least 8 hex digits."""
+    key = cid.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", key):
+        raise BadInput(f"candidate {cid!r}: a recorded candidate id is the candidate_hash of a benchmark run "
+                       "(8 to 64 hex digits; benchmark, show_run and job_status return it), or pass path='work/<dir>'")
+    rows = ws.store.find_candidates(key)
+    if not rows:
+        raise BadInput(f"no recorded candidate {cid!r}: a candidate is recorded when the writer benchmarks it; "
+                       "pass path='work/<dir>', or the candidate_hash of a benchmark run")
+    if len(rows) > 1:
+        raise BadInput(f"candidate id {cid!r} matches more than one recorded candidate; give more digits")
+    row = rows[0]
+    payload = json.loads(ws.store.get_blob(row["content_hash"]))  # get_blob checks the hash
+    try:
+        spec = CandidateSpec.model_validate(payload["spec"])
+        sources = {str(k): str(v) for k, v in payload["sources"]}
+    except (KeyError, TypeError, ValueError, ValidationError) as e:
+        raise BadInput(f"recorded candidate {row['content_hash'][:12]} is unreadable: {e}") from None
+    return Candidate(path=row["path"], spec=spec, sources=sources, content_hash=row["content_hash"])
+
+
 def resolve_candidate(ws: Workspace, path: Optional[str], candidate: Optional[str]) -> Candidate:
-    """The candidate a tool call names: `path` (a directory under work/) or `candidate` (an id)."""
+    """The candidate a tool call names: `path` (a directory under work/, read now) or `candidate`
+    (a recorded id: the content as it was when it was benchmarked)."""
     if bool(path) == bool(candidate):
         raise BadInput("give exactly one of `path` (a candidate directory under work/) or `candidate` (an id)")
     if candidate and not candidate.startswith("work/"):
-        raise NotAvailable(f"no recorded candidate {candidate!r}: recorded candidate ids need the candidate "
-                           "registry, which this build does not have yet; pass path='work/<dir>'")
+        return recorded_candidate(ws, candidate)
     return load_candidate(ws, path or candidate)  # type: ignore[arg-type]

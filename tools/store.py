@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS audit (
   tool TEXT NOT NULL, args_digest TEXT NOT NULL, outcome TEXT NOT NULL, changes TEXT NOT NULL,
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS candidates (
+  content_hash TEXT PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS work_files (
   path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL
 );
@@ -137,6 +140,23 @@ class Store:
         if sha256_bytes(data) != sha:
             raise BadInput(f"blob {sha} is corrupt (content hash differs)")
         return data
+
+    # --- candidates --------------------------------------------------------------------------
+    def put_candidate(self, content_hash: str, path: str, snapshot: bytes) -> None:
+        """Record a candidate's content (its snapshot is a blob whose sha256 is the content hash)."""
+        if self.put_blob(snapshot, "application/json") != content_hash:
+            raise ValueError("a candidate snapshot must hash to its content hash")
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO candidates(content_hash, path, created) VALUES (?,?,?)",
+                       (content_hash, path, time.time()))
+
+    def find_candidates(self, prefix: str, limit: int = 2) -> list[dict[str, Any]]:
+        """Recorded candidates whose content hash starts with `prefix` (lowercase hex)."""
+        with self.connect() as db:
+            rows = db.execute("SELECT content_hash, path, created FROM candidates WHERE content_hash >= ? "
+                              "AND content_hash < ? ORDER BY content_hash LIMIT ?",
+                              (prefix, prefix + "g", limit)).fetchall()
+        return [{"content_hash": r[0], "path": r[1], "created": r[2]} for r in rows]
 
     # --- runs ------------------------------------------------------------------------------
     def put_run(
