@@ -709,7 +709,8 @@ class BenchRun:
                         f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have been done")
         out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
                    notes=st.notes[:20], timed_checks=st.timed_checks,
-                   samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand)})
+                   samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand),
+                            "candidate_events": _r(st.cand_ev), "candidate_hold_covered": st.cand_covered})
         if st.status != "PASSED":
             for k in ("speedup", "speedup_ci"):
                 out.pop(k, None)

@@ -51,6 +51,18 @@ async def _bench(client, path: str, workloads, mode: str = "quick") -> dict:
     return out
 
 
+def _evidence(workspace, run_id: str, uuid: str) -> str:
+    """What the stored run says about one workload, whole (a failed GPU attack is diagnosed from this)."""
+    rec = workspace.store.get_run(run_id)["record"]
+    row = next(w for w in rec["workloads"] if w["uuid"] == uuid)
+    keep = {k: v for k, v in row.items() if k != "samples"}
+    samples = row.get("samples") or {}
+    return json.dumps({"workload": keep, "timing_mode": rec["env"].get("worker", {}).get("timing_mode"),
+                       "flags": rec.get("flags"), "candidate_samples": samples.get("candidate", [])[:40],
+                       "candidate_event_samples": samples.get("candidate_events", [])[:40],
+                       "hold_covered": samples.get("candidate_hold_covered", [])[:40]}, default=str)
+
+
 async def _still_serving(client) -> None:
     r = await client.call_tool("task_info", {"limit": 1})
     assert not r.is_error
@@ -146,7 +158,7 @@ async def test_gpu_attack_is_caught(workspace, name):
     async with mcp_client(workspace, "writer") as client:
         out = await _bench(client, path, [BATCH4096, BATCH2])
         for w in out["workloads"]:
-            assert w["status"] == status, (name, w)
+            assert w["status"] == status, _evidence(workspace, out["run_id"], w["uuid"])
             if check:
                 assert w["check"] == check, (name, w)
             assert w.get("speedup") is None
