@@ -659,7 +659,8 @@ class Worker:
                 c_start = _perf()
                 # The stream is set above: nothing but the call between the start event and the launch.
                 res = self.callee(wl, sl.inputs[slot], sl.outputs[slot], self.device)
-                call_us.append((_perf() - c_start) * 1e6)
+                t_ret = _perf()
+                call_us.append((t_ret - c_start) * 1e6)
                 _ev_record(e_ev, self.stream)
                 _cuda_sync()
                 h_end = _perf()
@@ -668,8 +669,9 @@ class Worker:
                 # Host time of the frame less the hold as the device ran it (not as asked: the
                 # hold kernel may overrun), so what is left beyond the events is off-stream work.
                 held_us = _ev_elapsed(h_ev, s_ev) * 1e3 if hold else 0.0
-                # The hold covered the launch when the host queued the whole call before it ended.
-                covered = bool(hold) and held_us >= call_us[-1]
+                # The hold covered the launch when the host had queued the whole call (and the hold
+                # and the start event before it) before the hold ended; h_ev fired at about h0.
+                covered = bool(hold) and held_us >= (t_ret - h0) * 1e6
                 if hold and hasattr(self.holder, "observe"):
                     self.holder.observe(held_us)
                 h1 = h_end - held_us * 1e-6

@@ -148,12 +148,19 @@ def test_workload_selection(workspace):
             bench.select_workloads(d, wls, bad)
 
 
-def test_the_checked_input_set_was_called_twice_whenever_one_was():
+def test_the_checked_output_is_a_timed_one_of_the_block_on_a_set_called_before():
     rng = random.Random(0)
-    # 40 calls over 32 sets: only sets 0-7 were called twice; a cache keyed on buffers answered there.
-    assert {bench.set_to_check(40, 32, rng) for _ in range(200)} == set(range(8))
-    assert {bench.set_to_check(20, 32, rng) for _ in range(200)} == set(range(20))  # none twice yet
-    assert {bench.set_to_check(70, 32, rng) for _ in range(400)} == set(range(32))
+
+    def drawn(before, warmup, timed, sets=32):
+        return {bench.set_to_check(before, warmup, timed, sets, rng) for _ in range(400)}
+
+    # First block, 10 warm-up + 30 timed calls over 32 sets: calls 32..39 reused sets 0-7, and
+    # sets 0-7 were last called by timed calls. Never set 8 or 9: their last output is a warm-up one.
+    assert drawn(0, 10, 30) == set(range(8))
+    assert drawn(0, 10, 20) == set(range(10, 30))  # no set called twice yet: this block's timed ones
+    # Second block after 44 calls: 1 warm-up (set 12) and 20 timed calls (sets 13-31, then 0).
+    assert drawn(44, 1, 20) == set(range(13, 32)) | {0}
+    assert drawn(100, 1, 50, sets=3) == {0, 1, 2}
 
 
 def test_physical_floor_bytes():

@@ -84,13 +84,18 @@ def settings_for(mode: str, device: str, min_trials: int) -> Settings:
             else Settings(max(min_trials, 5), 3, 0.12, 10, 400, 2))
 
 
-def set_to_check(calls: int, sets: int, rng: random.Random) -> int:
-    """The input set whose last timed output is checked, after `calls` calls rotating over `sets`
-    sets (set i has had calls // sets calls, one more when i < calls % sets): drawn among the sets
-    called at least twice, whose last answer a cache keyed on the buffers would have served;
-    among those called once when none was called twice yet."""
-    calls_of = [calls // sets + (i < calls % sets) for i in range(sets)]
-    return rng.choice([i for i, c in enumerate(calls_of) if c >= 2] or [i for i, c in enumerate(calls_of) if c])
+def set_to_check(before: int, warmup: int, timed: int, sets: int, rng: random.Random) -> int:
+    """The input set whose output is checked after a candidate block. The worker rotates over
+    `sets` sets call after call across blocks: `before` calls before this block, then its `warmup`
+    and `timed` calls. Drawn among the sets whose last call was one of this block's timed calls
+    (so the output checked is a timed one) and had been called before (so a cache keyed on the
+    buffers would have answered it); among this block's timed sets when none had."""
+    start = before + warmup
+    last_timed = {(start + m) % sets for m in range(max(0, timed - sets), timed)}
+    total = start + timed
+    calls_of = [total // sets + (i < total % sets) for i in range(sets)]
+    pool = sorted(i for i in last_timed if calls_of[i] >= 2) or sorted(last_timed) or [(total - 1) % sets]
+    return rng.choice(pool)
 
 
 # --- request ---------------------------------------------------------------------------------------
@@ -615,8 +620,8 @@ class BenchRun:
                     st.empty_calls += (r.get("trace") or {}).get("empty_calls", 0)
                     st.cand_warmup += r["warmup"]
                     st.overhead_us = r.get("overhead_us", 0.0)
+                    slot = set_to_check(st.calls, len(r["warmup"]), len(r["lat_us"]), st.sets, self.rng)
                     st.calls += len(r["warmup"]) + len(r["lat_us"])
-                    slot = set_to_check(st.calls, st.sets, self.rng)
                     x = self._exchange()
                     with self.phase("timed_checks"):
                         saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
@@ -813,12 +818,15 @@ class BenchRun:
     def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         headline = headline_for(record)
         record["headline"] = headline
-        if self.req.kind == "benchmark":  # the writer's runs record what they measured (verify writes nothing else)
-            record_candidate(self.ws, self.req.candidate)
         self.ws.store.put_run(self.req.kind, self.req.role, record["status"], headline, record,
                               candidate_path=record["candidate_path"], candidate_hash=record["candidate_hash"],
                               device=record["device"], run_id=self.run_id)
         record["run_id"] = self.run_id
+        if self.req.kind == "benchmark":  # the writer's runs record what they measured (verify writes nothing else)
+            try:
+                record_candidate(self.ws, self.req.candidate)
+            except (OSError, ValueError) as e:  # the run is stored; only the id for candidate= is missing
+                record.setdefault("flags", []).append(f"the candidate could not be recorded: {e}")
         return self.run_id, record
 
 
