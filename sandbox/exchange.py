@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import threading
 from typing import Any
@@ -110,8 +111,18 @@ def load(path: str, staging: Staging | None = None, threads: int = 1) -> list[di
     """Read a file written by `save`; tensors come back on the CPU (views into `staging`, when
     one is given, read in `threads` parallel parts: one thread copies from the page cache at
     about 5 GB/s)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    # The file lies in a directory the candidate can write: no symlink, no FIFO (which would block
+    # the reader), and the size from the file that was opened.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ExchangeError(f"cannot open the results file: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ExchangeError("the results file is not a regular file")
+    size = st.st_size
+    with os.fdopen(fd, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ExchangeError("not a results file (bad magic)")
         (n,) = struct.unpack("<Q", f.read(8))
@@ -159,21 +170,30 @@ def _pread_all(fd: int, buf: memoryview, offset: int, threads: int) -> int:
     parts = max(1, min(threads, n // _MIN_PART))
     step = -(-n // parts)
     got = [0] * parts
+    errors: list[BaseException] = []
 
     def read(i: int) -> None:
         lo, hi = i * step, min(n, (i + 1) * step)
-        while lo + got[i] < hi:
-            k = os.preadv(fd, [buf[lo + got[i]: hi]], offset + lo + got[i])
-            if k <= 0:
-                return
-            got[i] += k
+        try:
+            while lo + got[i] < hi:
+                k = os.preadv(fd, [buf[lo + got[i]: hi]], offset + lo + got[i])
+                if k <= 0:
+                    return
+                got[i] += k
+        except OSError as e:  # raised below, in the caller's thread
+            errors.append(e)
 
     workers = [threading.Thread(target=read, args=(i,)) for i in range(1, parts)]
-    for w in workers:
-        w.start()
-    read(0)
-    for w in workers:
-        w.join()
+    try:
+        for w in workers:
+            w.start()
+        read(0)
+    finally:  # no reader may still be writing into the buffer when this returns
+        for w in workers:
+            if w.ident is not None:
+                w.join()
+    if errors:
+        raise ExchangeError(f"reading the results file failed: {errors[0]}")
     # A part that came back short ends the file; later parts cannot count beyond it.
     total = 0
     for i in range(parts):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -93,6 +94,19 @@ def test_a_file_written_again_in_place_reads_back_the_new_records(tmp_path, thre
     exchange.save([{"outputs": [big * 2]}], str(f), stage)
     [rec] = exchange.load(str(f), stage, threads=threads)
     assert torch.equal(rec["outputs"][0], big * 2)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "missing"])
+def test_only_a_regular_file_is_read(tmp_path, kind):
+    f = tmp_path / "0.kdax"
+    if kind == "symlink":
+        real = tmp_path / "real.kdax"
+        exchange.save([{"outputs": [torch.ones(3)]}], str(real))
+        f.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(f)  # opening it for reading would block the trusted worker until a writer came
+    with pytest.raises(exchange.ExchangeError, match="regular file|cannot open"):
+        exchange.load(str(f), exchange.Staging(pinned=False))
 
 
 def test_a_parallel_read_of_a_file_cut_short_is_refused(tmp_path, monkeypatch):
