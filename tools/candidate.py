@@ -171,6 +171,10 @@ def recorded_candidate(ws: Workspace, cid: str) -> Candidate:
         sources = {str(k): str(v) for k, v in payload["sources"]}
     except (KeyError, TypeError, ValueError, ValidationError) as e:
         raise BadInput(f"recorded candidate {row['content_hash'][:12]} is unreadable: {e}") from None
+    if hashlib.sha256(_snapshot(spec, sources)).hexdigest() != row["content_hash"]:
+        # A snapshot written by a version of kda whose candidate.toml fields differed from this one's.
+        raise BadInput(f"recorded candidate {row['content_hash'][:12]} no longer hashes to its id under this "
+                       f"version of kda; benchmark it again by path ({row['path']})")
     return Candidate(path=row["path"], spec=spec, sources=sources, content_hash=row["content_hash"])
 
 
