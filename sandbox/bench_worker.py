@@ -398,8 +398,7 @@ class Worker:
                                       False, self.definition, "reference")
             base = p.get("baseline")
             if base and base.get("kind") == "solution":
-                fn = H.load_entry(Path(base["dir"]), base["entry_point"], "kda_baseline", Path.cwd() / "build",
-                                  with_cuda=base.get("language") == "cuda")
+                fn = H.load_entry(Path(base["dir"]), base["entry_point"], "kda_baseline", Path.cwd() / "build")
                 self.callee = H.Callee(fn, bool(base["dps"]), self.definition, "baseline")
             else:
                 self.callee = self.reference
@@ -409,8 +408,7 @@ class Worker:
         self.tids_before_import = H.os_thread_ids()
         sys.addaudithook(_Guard(p.get("protect", []), p.get("reference_files", [])))
         t0 = _perf()
-        fn = H.load_entry(Path(p["dir"]), p["entry_point"], "kda_candidate", Path.cwd() / "build",
-                          with_cuda=p.get("language") == "cuda")
+        fn = H.load_entry(Path(p["dir"]), p["entry_point"], "kda_candidate", Path.cwd() / "build")
         self.callee = H.Callee(fn, bool(p["dps"]), self.definition, "candidate")
         self.tids_after_import = H.os_thread_ids()
         self._check_integrity("import")

@@ -251,19 +251,18 @@ class Callee:
 
 
 # --- loading code ------------------------------------------------------------------------------
-NATIVE_SUFFIXES = (".cu", ".cpp", ".cc", ".cxx", ".c")
+NATIVE_SUFFIXES = (".cu", ".cpp", ".cc", ".c")  # the compiled ones of tools/candidate.py SOURCE_SUFFIXES
 
 
-def load_entry(source_dir: Path, entry_point: str, package: str, build_dir: Path | None = None,
-               with_cuda: bool = False) -> Callable[..., Any]:
+def load_entry(source_dir: Path, entry_point: str, package: str, build_dir: Path | None = None
+               ) -> Callable[..., Any]:
     """Import `file.py::symbol` from a directory as package `package` (relative imports work), or,
     for a C++/CUDA entry file, build the directory's sources as a torch extension (see
     `build_torch_extension`) and return its `symbol`."""
     file, _, symbol = entry_point.partition("::")
     rel = Path(file)
     if rel.suffix in NATIVE_SUFFIXES:
-        return build_torch_extension(Path(source_dir), symbol, Path(build_dir or Path(source_dir).parent / "build"),
-                                     with_cuda)
+        return build_torch_extension(Path(source_dir), symbol, Path(build_dir or Path(source_dir).parent / "build"))
     if rel.suffix != ".py":
         raise HarnessError(f"entry file {file!r} is neither a Python file nor C++/CUDA "
                            f"({', '.join(NATIVE_SUFFIXES)})")
@@ -281,16 +280,16 @@ def load_entry(source_dir: Path, entry_point: str, package: str, build_dir: Path
     return fn
 
 
-def build_torch_extension(source_dir: Path, symbol: str, build_dir: Path, with_cuda: bool) -> Callable[..., Any]:
+def build_torch_extension(source_dir: Path, symbol: str, build_dir: Path) -> Callable[..., Any]:
     """flashinfer-bench's torch binding: every C/C++/CUDA file of the directory built with
-    torch.utils.cpp_extension into one module (the sources bind `symbol` with PYBIND11_MODULE).
-    The module's name hashes the sources, the torch version and the CUDA switch, so a build kept
-    from an earlier run of the same content (`build_dir/<name>/<name>.so`) is imported as it is."""
-    from importlib.machinery import ExtensionFileLoader
-
+    torch.utils.cpp_extension into one module (the sources bind `symbol` with PYBIND11_MODULE),
+    with CUDA when there is a .cu file among them. The module's name hashes the sources, the torch
+    version and the CUDA target, so a build kept from an earlier run of the same content
+    (`build_dir/<name>/<name>.so`) is imported as it is."""
     sources = sorted(p for p in source_dir.rglob("*") if p.is_file() and p.suffix in NATIVE_SUFFIXES)
     if not sources:
         raise HarnessError(f"no C/C++/CUDA sources ({', '.join(NATIVE_SUFFIXES)}) in the candidate")
+    with_cuda = any(p.suffix == ".cu" for p in sources)
     # The build is for this torch, this CUDA and this GPU's architecture (a kept build must not be
     # imported on another kind of GPU).
     arch = (f"{torch.version.cuda}|{torch.cuda.get_device_capability()}|{os.environ.get('TORCH_CUDA_ARCH_LIST')}"
@@ -302,7 +301,7 @@ def build_torch_extension(source_dir: Path, symbol: str, build_dir: Path, with_c
     out = build_dir / name
     built = out / f"{name}.so"
     if built.is_file():
-        spec = importlib.util.spec_from_file_location(name, built, loader=ExtensionFileLoader(name, str(built)))
+        spec = importlib.util.spec_from_file_location(name, built)  # an extension module loader, for a .so
         assert spec and spec.loader
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)

@@ -331,7 +331,7 @@ class BenchRun:
                    str(self.ws.work_dir)]
         # The worker's own directory is under .kda; it stays writable.
         return self.cand.request("load", self.call_timeout + 120, definition_file=str(self.cand_dir / "definition.json"),
-                                 dir=str(self.cand_dir / "src"), entry_point=spec.entry_point, language=spec.language,
+                                 dir=str(self.cand_dir / "src"), entry_point=spec.entry_point,
                                  dps=spec.destination_passing_style, protect=protect,
                                  allow=[str(self.cand_dir)],
                                  reference_files=[str(self.ws.task_dir / "definition.json")],
@@ -410,7 +410,7 @@ class BenchRun:
         base_desc: dict[str, Any] = {"kind": "reference"}
         if self.baseline is not None:
             bs = self.baseline["spec"]
-            base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"), "language": bs["language"],
+            base_desc = {"kind": "solution", "dir": str(self.ref_dir / "baseline_src"),
                          "entry_point": bs["entry_point"], "dps": bs.get("destination_passing_style", True)}
         with self.phase("baseline_load"):
             self.trusted.request("load", self.call_timeout + 120, definition_file=str(self.ref_dir / "definition.json"),
