@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 from contextlib import asynccontextmanager
@@ -41,9 +40,6 @@ def _template_workspace(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("template") / "ws"
     init_workspace(root, resolve_task("rmsnorm_h4096", None, None, None, None))
-    # Close the store's connection now: collected later, it would delete its -wal/-shm files in
-    # the middle of a test's copy of the template.
-    gc.collect()
     return root
 
 

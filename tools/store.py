@@ -87,7 +87,7 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
 
-    def connect(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA busy_timeout=30000")
@@ -95,10 +95,21 @@ class Store:
         return db
 
     @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection for reads (autocommit), closed when the block ends: sqlite3's own `with`
+        never closes one, and a connection closed later by the garbage collector takes the WAL's
+        -wal/-shm files away at an arbitrary moment."""
+        db = self._open()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
     def transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction; BEGIN IMMEDIATE takes the write lock up front so readers of
         the chain head inside it cannot be overtaken by another process."""
-        db = self.connect()
+        db = self._open()
         try:
             db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
