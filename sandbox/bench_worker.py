@@ -227,9 +227,6 @@ class Slots:
         self.seeds: list[int | None] = [None] * len(inputs)
         self.sums: list[list | None] = [None] * len(inputs)
         self.call_us: list[float] = []  # host launch times of the timed calls, for the hold
-        # The rotation over the sets continues from block to block (the orchestrator counts the
-        # calls to pick a set for the timed-output check that has been called more than once).
-        self.next_j = 0
 
 
 class Parts(dict):
@@ -565,7 +562,6 @@ class Worker:
         call's device span from the CUPTI trace when there is a tracer (see device_trace), its
         event time always (the cross-check, or the timer when there is no tracer)."""
         sl = self.slots[p["key"]]
-        n_warm = int(p["warmup"])
         tids_block0 = H.os_thread_ids()
         start_block = _perf()
         tracer = self.tracer
@@ -583,9 +579,10 @@ class Worker:
             t0 = _perf()
             try:
                 spans = tracer.spans_us(tracer.stop(), j)
-                lat = [sp for sp, _, _ in spans[n_warm:]]
+                timed = spans[len(warm):]
+                lat = [sp for sp, _, _ in timed]
                 trace_info = {"max_streams": max((ns for _, _, ns in spans), default=0),
-                              "empty_calls": sum(1 for _, n, _ in spans[n_warm:] if n == 0)}
+                              "empty_calls": sum(1 for _, n, _ in timed if n == 0)}
             except DT.TraceError as e:
                 tracer.abandon()
                 if self.role != "candidate":
@@ -604,8 +601,7 @@ class Worker:
                        f"{len(tids_block0) + len(grown)} after it")
         if self.role == "candidate":
             self._check_integrity("the timed block")
-        return {"lat_us": lat, "ev_us": ev, "host_us": host, "covered": covers,
-                "warmup": warm, "slot_seeds": sl.seeds,
+        return {"lat_us": lat, "ev_us": ev, "host_us": host, "covered": covers, "warmup": warm,
                 "overhead_us": self.overhead_us, "block_s": _perf() - start_block, "trace_s": trace_s,
                 "trace": trace_info, "threads": len(H.os_thread_ids())}
 
@@ -625,6 +621,10 @@ class Worker:
         left_threads = 0
         # Launch times persist across a workload's blocks, so a block's first hold is already right.
         call_us = sl.call_us
+        # The rotation over the sets continues from block to block: the orchestrator counts the
+        # calls and says where this block starts (it picks the set whose output gets checked).
+        first = int(p.get("first", 0))
+        observe = getattr(self.holder, "observe", None)
         timed_start = None
         j = 0
         while True:
@@ -635,7 +635,7 @@ class Worker:
                 spent = _perf() - timed_start
                 if n >= max_iters or (n >= min_iters and spent >= target_s) or (n >= 1 and _perf() - start_block > max_s):
                     break
-            slot = (sl.next_j + j) % k
+            slot = (first + j) % k
             seed = H.mix_seed(p["seed"], j)
             H.refill_inputs_(self.definition, wl, sl.inputs[slot], seed)
             if flush:
@@ -670,8 +670,8 @@ class Worker:
                 # The hold covered the launch when the host had queued the whole call (and the hold
                 # and the start event before it) before the hold ended; h_ev fired at about h0.
                 covered = bool(hold) and held_us >= (t_ret - h0) * 1e6
-                if hold and hasattr(self.holder, "observe"):
-                    self.holder.observe(held_us)
+                if hold and observe is not None:
+                    observe(held_us)
                 h1 = h_end - held_us * 1e-6
                 ev_us = _ev_elapsed(s_ev, e_ev) * 1e3
             else:
@@ -698,7 +698,6 @@ class Worker:
                 host.append((h1 - h0) * 1e6)
                 covers.append(covered)
             j += 1
-        sl.next_j += j
         return j, ev, host, covers, warm, left_threads
 
     def save_slot(self, p: dict) -> dict:

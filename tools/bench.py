@@ -12,8 +12,8 @@ inputs go to a file the trusted worker checks), then timing in blocks that alter
 candidate (B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2
 flushed, device synchronized, the call timed by CUPTI device timestamps where torch has them (CUDA
 events otherwise, and always as a cross-check); the outputs of one timed iteration are checked
-after every candidate block. Medians with bootstrap intervals, speedups against the locked baseline, the physical floor,
-the interference check, the lock re-checked at the end. `phases_s` in the record says where the
+after every candidate block. Medians with bootstrap intervals, speedups against the locked
+baseline, the physical floor, the interference check, the lock re-checked at the end. `phases_s` in the record says where the
 run's wall time went.
 """
 
@@ -231,7 +231,6 @@ class WorkloadState:
     cand_ev: list[float] = field(default_factory=list)
     cand_traced: bool = True
     cand_covered: list[bool] = field(default_factory=list)
-    calls: int = 0  # timed and warm-up calls of the candidate so far, over all blocks
     empty_calls: int = 0
     cand_warmup: list[dict] = field(default_factory=list)
     overhead_us: float = 0.0
@@ -590,23 +589,24 @@ class BenchRun:
                 cand.request("prepare", 300, key=key, workload=st.wl, slots=st.sets)
                 self.trusted.request("prepare", 300, key=key, workload=st.wl, slots=st.sets)
             order = ["B", "C", "C", "B"] * s.rounds
-            # Every candidate block gets one timed output checked: the set is drawn from the run's
-            # secret among those called more than once, so a cache keyed on the buffers is caught
-            # whenever it answered (with many sets the first block may reuse none; the next does).
+            # Every candidate block gets one timed output checked (see set_to_check). Each worker
+            # rotates over its sets from where its previous block stopped: `calls` counts them.
+            calls = {"B": 0, "C": 0}
             seen: set[str] = set()
             for bi, who in enumerate(order):
                 self.cancel.check()
                 warm = s.warmup if who not in seen else 1
                 seen.add(who)
                 params = dict(key=key, warmup=warm, min_iters=s.min_iters, max_iters=s.max_iters, target_s=s.target_s,
-                              max_s=max(10 * s.target_s, 5.0), seed=self.seed(key, "block", bi))
+                              max_s=max(10 * s.target_s, 5.0), seed=self.seed(key, "block", bi), first=calls[who])
                 if who == "B":
                     cand.request("sync", 60)
                     self._collect(st)
                     with self.phase("timing"):
                         r = self.trusted.request("time", self._time_timeout(), **params)
                     st.base += r["lat_us"]
-                    st.base_host += r.get("host_us", [])
+                    st.base_host += r["host_us"]
+                    calls["B"] += len(r["warmup"]) + len(r["lat_us"])
                     st.base_overhead_us = r.get("overhead_us", 0.0)
                 else:
                     with self.phase("timing"):
@@ -614,14 +614,14 @@ class BenchRun:
                     self.phases["trace_parse"] = self.phases.get("trace_parse", 0.0) + r.get("trace_s", 0.0)
                     st.cand += r["lat_us"]
                     st.cand_host += r["host_us"]
-                    st.cand_ev += r.get("ev_us", r["lat_us"])
+                    st.cand_ev += r["ev_us"]
                     st.cand_traced = st.cand_traced and r.get("trace") is not None
-                    st.cand_covered += r.get("covered") or [False] * len(r["lat_us"])
+                    st.cand_covered += r["covered"]
                     st.empty_calls += (r.get("trace") or {}).get("empty_calls", 0)
                     st.cand_warmup += r["warmup"]
                     st.overhead_us = r.get("overhead_us", 0.0)
-                    slot = set_to_check(st.calls, len(r["warmup"]), len(r["lat_us"]), st.sets, self.rng)
-                    st.calls += len(r["warmup"]) + len(r["lat_us"])
+                    slot = set_to_check(calls["C"], len(r["warmup"]), len(r["lat_us"]), st.sets, self.rng)
+                    calls["C"] += len(r["warmup"]) + len(r["lat_us"])
                     x = self._exchange()
                     with self.phase("timed_checks"):
                         saved = cand.request("save_slot", 120, key=key, slot=slot, file=str(x))
@@ -816,17 +816,17 @@ class BenchRun:
         }
 
     def _store(self, record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if self.req.kind == "benchmark":  # the writer's runs record what they measured (verify writes nothing else)
+            try:
+                record_candidate(self.ws, self.req.candidate)
+            except (OSError, ValueError) as e:  # the run is still stored; only the id for candidate= is missing
+                record.setdefault("flags", []).append(f"the candidate could not be recorded: {e}")
         headline = headline_for(record)
         record["headline"] = headline
         self.ws.store.put_run(self.req.kind, self.req.role, record["status"], headline, record,
                               candidate_path=record["candidate_path"], candidate_hash=record["candidate_hash"],
                               device=record["device"], run_id=self.run_id)
         record["run_id"] = self.run_id
-        if self.req.kind == "benchmark":  # the writer's runs record what they measured (verify writes nothing else)
-            try:
-                record_candidate(self.ws, self.req.candidate)
-            except (OSError, ValueError) as e:  # the run is stored; only the id for candidate= is missing
-                record.setdefault("flags", []).append(f"the candidate could not be recorded: {e}")
         return self.run_id, record
 
 
