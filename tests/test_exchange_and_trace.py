@@ -109,7 +109,7 @@ def test_only_a_regular_file_is_read(tmp_path, kind):
         exchange.load(str(f), exchange.Staging(pinned=False))
 
 
-def test_a_parallel_read_of_a_file_cut_short_is_refused(tmp_path, monkeypatch):
+def test_a_parallel_read_stops_where_the_file_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(exchange, "_MIN_PART", 1024)
     f = tmp_path / "0.kdax"
     exchange.save([{"outputs": [torch.ones(20_000)]}], str(f))
