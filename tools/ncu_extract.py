@@ -184,11 +184,9 @@ def _retry_with_other_readers(path: str) -> int | None:
     for _, d in nsight_python_dirs():
         if _reader_dir and os.path.realpath(d) == os.path.realpath(_reader_dir):
             continue
-        try:
-            r = subprocess.run([sys.executable, "-m", "kda.tools.ncu_extract", path],
-                               env={**os.environ, READER_ENV: d}, capture_output=True, text=True, timeout=170)
-        except subprocess.TimeoutExpired:  # the caller's own timeout would not reach this child
-            continue
+        # In the caller's process group: its timeout kills this reader too.
+        r = subprocess.run([sys.executable, "-m", "kda.tools.ncu_extract", path],
+                           env={**os.environ, READER_ENV: d}, capture_output=True, text=True)
         if r.returncode == 0:
             sys.stdout.write(r.stdout)
             return 0

@@ -49,12 +49,19 @@ EXTRACT_TABLE = (
 # --- extraction --------------------------------------------------------------------------------
 def extract_report_file(path: Path, timeout_s: float = EXTRACT_TIMEOUT_S) -> dict[str, Any]:
     """Run the extractor on a report file in a subprocess; clear errors for every failure."""
+    from kda.sandbox.runner import kill_tree
+
     cmd = [sys.executable, "-m", "kda.tools.ncu_extract", str(path)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, timeout=timeout_s, text=True)
-    except subprocess.TimeoutExpired:
-        raise KdaError(f"reading the report {path.name} timed out after {timeout_s:g} s "
-                       "(the report reader hung or the report is huge)") from None
+    # Its own process group: on a timeout the reader goes, with the other readers it retried in.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            raise KdaError(f"reading the report {path.name} timed out after {timeout_s:g} s "
+                           "(the report reader hung or the report is huge)") from None
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if r.returncode == EXIT_NO_MODULE:
         raise NotAvailable(r.stderr.strip())
     if r.returncode != 0:
