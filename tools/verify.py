@@ -86,8 +86,6 @@ def _official(ws: Workspace, sol: dict[str, Any], workloads: list[dict[str, Any]
 
 def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any]) -> dict[str, Any]:
     """Compare with the writer's latest benchmark of the same content hash on the same device."""
-    from .stats import Interval  # numpy: loaded only when a verify runs
-
     runs = [r for r in ws.store.list_runs(kind="benchmark", candidate_hash=integrity["candidate_hash"], limit=50)
             if r["device"] == integrity["device"]]
     if not runs:
@@ -120,7 +118,7 @@ def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any
             # Triton's interpreter drift far more than a GPU's).
             tol = 0.25 if integrity.get("device") == "cpu" else 0.05
             diff_pct = 100.0 * abs(ours["candidate_us"] - theirs["candidate_us"]) / theirs["candidate_us"]
-            lat_ok = Interval(0.0, *a).overlaps(Interval(0.0, *b)) or diff_pct <= 100.0 * tol
+            lat_ok = (a[0] <= b[1] and b[0] <= a[1]) or diff_pct <= 100.0 * tol  # the intervals overlap
         off = official_by.get(ours["uuid"])
         off_ok = None if off is None else ((off["status"] == "PASSED") == (theirs["status"] == "PASSED"))
         agrees = status_ok and lat_ok is not False and off_ok is not False
