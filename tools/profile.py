@@ -346,7 +346,7 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
         }
         run_id = ws.store.put_run("profile", role, "ok", f"profile of {cand.path} on workload {workload['uuid']}",
                                   record, candidate_path=cand.path, candidate_hash=cand.content_hash,
-                                  device=_device_name())
+                                  device=_device_name(lease.index))
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
     t1 = time.monotonic()
@@ -356,11 +356,13 @@ def collect(ws: Workspace, cand: Candidate, workload_uuid: Optional[str], role: 
             "isolation": record["isolation"]}
 
 
-@lru_cache(maxsize=1)
-def _device_name() -> Optional[str]:
+@lru_cache(maxsize=16)
+def _device_name(index: str | None) -> Optional[str]:
+    """The leased GPU's name (not the first one nvidia-smi lists)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.strip().splitlines()
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader",
+                              *(["-i", index] if index else [])],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
         return out[0] if out else None
     except (OSError, subprocess.SubprocessError):
         return None
