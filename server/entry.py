@@ -23,10 +23,9 @@ def run_server(workspace: Path, role: str, transport: str, host: str, port: int)
             raise KdaError(f"unknown transport {transport!r}: use stdio or http")
         ws = Workspace.open(workspace)
         server, _ = build_server(ws, role)
-        if ws.policy.benchmark.spare_workers != "off":
-            from kda.tools.bench_workers import prestart
+        from kda.tools.bench_workers import prestart
 
-            prestart(ws)  # the first benchmark's worker processes, started ahead
+        prestart(ws)  # the first benchmark's worker processes, started ahead (where the policy wants them)
     except KdaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -394,6 +394,9 @@ atexit.register(spares.close)
 def prestart(ws: Workspace) -> None:
     """At server start: a spare pair on every GPU the policy wants spares on (in the background;
     finding the GPUs runs nvidia-smi, which must not delay the server's start)."""
+    if ws.policy.benchmark.spare_workers == "off":
+        return
+
     def go() -> None:
         lang = trusted_language(ws.baseline_solution())
         for lease in executor().slots:
