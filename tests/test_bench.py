@@ -678,6 +678,10 @@ def test_kept_kernel_cache_is_regular_files_of_one_content_only(workspace, tmp_p
     (cache / "planted").symlink_to(secret)
     (job / kc.JOB_CACHE / "dirlink").symlink_to(tmp_path, target_is_directory=True)
     assert kc.keep(workspace, "candidate-aaa", job) == 2
+    kept_cubin = kc._kept(workspace, "candidate-aaa") / kc.JOB_CACHE / "ABCD" / "k.cubin"
+    inode = kept_cubin.stat().st_ino
+    assert kc.keep(workspace, "candidate-aaa", job) == 2
+    assert kept_cubin.stat().st_ino == inode  # the same files again: nothing is copied
     # A run of the same content gets the files back, writable by the job's own uid.
     job2 = tmp_path / "job2"
     job2.mkdir()

@@ -104,6 +104,9 @@ def keep(ws: Workspace, key: str, job_dir: Path, builds_ok: bool = True) -> int:
     if not files or sum(n for _, n in files) > MAX_BYTES:
         return 0
     final = _kept(ws, key)
+    if _same_files(final, {(str((rel / p.relative_to(job_dir / rel))), n) for rel, fs in parts for p, n in fs}):
+        final.touch()  # nothing new (the run restored it and compiled nothing): only its age changes
+        return len(files)
     tmp = final.with_name(f"{final.name}.{new_id('tmp')}")
     old = final.with_name(f"{final.name}.{new_id('old')}")
     try:
@@ -119,6 +122,14 @@ def keep(ws: Workspace, key: str, job_dir: Path, builds_ok: bool = True) -> int:
         shutil.rmtree(old, ignore_errors=True)
     _evict(final.parent)
     return len(files)
+
+
+def _same_files(kept: Path, want: set[tuple[str, int]]) -> bool:
+    """Whether `kept` already holds exactly these (relative path, size) files."""
+    try:
+        return kept.is_dir() and {(str(p.relative_to(kept)), n) for p, n in _regular_files(kept)} == want
+    except OSError:
+        return False
 
 
 def _evict(root: Path) -> None:
