@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .jobs import Cancelled, CancelToken, Lease, executor
+from .kernel_cache import JOB_CACHE
 from .store import new_id
 from .workspace import Workspace
 
@@ -239,9 +240,11 @@ def start_worker(ws: Workspace, role: str, dirs: RunDirs, lease: Lease, language
     if role == "trusted":
         ro.append(dirs.cand)
     device = "cuda" if lease.kind == "cuda" else "cpu"
+    cwd = dirs.ref if role == "trusted" else dirs.cand
+    # Triton compiles where kernel_cache keeps and restores from, whatever Triton's default.
+    env = {**worker_env(lease, language), "TRITON_CACHE_DIR": str(cwd / JOB_CACHE)}
     job = Job(argv=[sys.executable, "-m", "kda.sandbox.bench_worker", "--role", role, "--device", device],
-              cwd=dirs.ref if role == "trusted" else dirs.cand, ro_paths=ro,
-              hide_paths=[ws.kda_dir, ws.work_dir], env=worker_env(lease, language), gpu=lease.kind == "cuda",
+              cwd=cwd, ro_paths=ro, hide_paths=[ws.kda_dir, ws.work_dir], env=env, gpu=lease.kind == "cuda",
               wall_timeout_s=float(sb.wall_timeout_s), limits=sb.limits())
     return WorkerClient(role, job, sb.require_isolation, cancel)
 
