@@ -8,7 +8,6 @@ from pydantic import BaseModel, Field
 
 # tools/compile.py imports only pydantic and the stdlib at module level: cheap at server start.
 from kda.tools.compile import CompileResult, compile_candidate, ptx_page
-from kda.tools.errors import BadInput
 
 from .toolkit import CallContext, Reply, tool
 
@@ -16,8 +15,8 @@ from .toolkit import CallContext, Reply, tool
 class CompileInput(BaseModel):
     path: Optional[str] = Field(None, description="Candidate directory under work/, e.g. 'work/v3'.")
     candidate: Optional[str] = Field(
-        None, description="Not accepted by compile, which builds a directory's files: pass path. (benchmark, "
-                          "profile and verify take a recorded candidate id.)")
+        None, description=("A recorded candidate id instead of path: the candidate_hash of an earlier benchmark "
+                           "(8+ hex digits)."))
     arch: Optional[str] = Field(
         None, description="Target: sm_80, sm_86, sm_89, sm_90, sm_90a, sm_100a, sm_120 ... "
                           "Default: the local GPU's arch, else sm_90a.")
@@ -55,14 +54,8 @@ def compile_tool(call: CallContext, args: CompileInput) -> Reply[CompileResult]:
     census (tensor-core, TMA, global load widths, local/shared memory, barriers), findings, the
     artifact blob id, compile time and toolchain versions. Same sources, flags, arch and toolchain
     return the cached result (cached=true). ptx=true adds PTX lines, paginated by offset/limit."""
-    if args.candidate and not args.path:
-        raise BadInput("compile builds a candidate directory's files: pass path='work/<dir>' (a recorded "
-                       "candidate id works with benchmark, profile and verify)")
-    if args.candidate and args.path:
-        raise BadInput("pass either path or candidate, not both")
-    if not args.path:
-        raise BadInput("path is required: the candidate directory under work/, e.g. 'work/v1'")
-    result = compile_candidate(call.ws, args.path, arch=args.arch, flags=args.flags, role=call.role)
+    result = compile_candidate(call.ws, args.path, arch=args.arch, flags=args.flags, role=call.role,
+                               candidate=args.candidate)
     detail_lines = []
     for d in result.diagnostics[:20]:
         where = f"{d.file}:{d.line}" if d.file and d.line else (d.file or "")

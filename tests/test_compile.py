@@ -122,6 +122,21 @@ def test_cuda_syntax_error_points_at_file_and_line(workspace):
 
 
 @needs_nvcc
+def test_a_recorded_candidate_compiles_as_it_was_recorded(workspace):
+    from kda.tools.candidate import load_candidate, record_candidate
+
+    path = make_candidate(workspace, "rec", {"kernel.cu": BAD_KERNEL})
+    cid = record_candidate(workspace, load_candidate(workspace, path))
+    (workspace.root / path / "kernel.cu").write_text(VEC_KERNEL)  # fixed since; the id still names the old
+    r = compile_candidate(workspace, None, arch="sm_90a", candidate=cid[:10])
+    assert r.candidate_hash == cid and not r.ok
+    expected_line = BAD_KERNEL.splitlines().index("        y[i] = smem[i];") + 1
+    assert [(d.file, d.line) for d in r.diagnostics if d.severity == "error"][0] == ("work/rec/kernel.cu", expected_line)
+    now = compile_candidate(workspace, path, arch="sm_90a")
+    assert now.ok and now.candidate_hash != cid
+
+
+@needs_nvcc
 def test_valid_cuda_kernel_reports_registers_and_census(workspace):
     path = make_candidate(workspace, "vec", {"kernel.cu": VEC_KERNEL})
     r = compile_candidate(workspace, path, arch="sm_90a", flags=["-O3", "-DUNUSED=1"])

@@ -299,10 +299,7 @@ class BenchRun:
         (self.ref_dir / "definition.json").write_text(json.dumps(self.definition))
         public = {k: v for k, v in self.definition.items() if k != "reference"}
         (self.cand_dir / "definition.json").write_text(json.dumps(public))
-        for rel, text in self.req.candidate.sources.items():
-            target = (self.cand_dir / "src" / rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+        self.req.candidate.write_to(self.cand_dir / "src")
         if self.baseline is not None:
             from kda.sandbox.harness import write_solution_sources
             write_solution_sources(self.baseline, self.ref_dir / "baseline_src")

@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import sys
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,6 +68,13 @@ class Candidate(BaseModel):
     spec: CandidateSpec
     sources: dict[str, str]  # relative path -> text
     content_hash: str
+
+    def write_to(self, dest: Path) -> None:
+        """Write the sources (as hashed, not as the directory holds them now) under `dest`."""
+        for rel, text in self.sources.items():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
 
     def to_solution(self, definition: str, author: str = "kda-writer") -> dict[str, Any]:
         s = self.spec

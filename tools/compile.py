@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, Field
 
-from .candidate import Candidate, load_candidate
+from .candidate import Candidate, resolve_candidate
 from .errors import BadInput, NotAvailable
 from .sass import (KernelResources, SassCensus, census_sass, demangle, disassembly_argv, find_binary, findings_for,
                    is_matmul_shaped, load_width_summary, parse_ptxas_verbose)
@@ -209,17 +209,20 @@ _GCC_DIAG = re.compile(r"^(?P<file>[^:\s][^:]*):(?P<line>\d+):(?:(?P<col>\d+):)?
 _TOOL_DIAG = re.compile(r"^(?P<tool>ptxas|nvcc|nvlink|cicc)\s*(?P<where>[^:]*?)\s*(?P<sev>fatal|error|warning)\s*:\s*(?P<msg>.*)$")
 
 
-def _relpath(ws: Workspace, raw: str, cwd: Path | None) -> str:
+def _relpath(ws: Workspace, raw: str, cwd: Path | None, src: tuple[Path, str] | None) -> str:
     p = Path(raw)
     if not p.is_absolute() and cwd is not None:
         p = cwd / p
+    if src is not None and p.is_relative_to(src[0]):  # the build's copy of the candidate: its own name
+        return f"{src[1]}/{p.relative_to(src[0]).as_posix()}"
     try:
         return ws.rel(p)
     except ValueError:
         return raw
 
 
-def parse_diagnostics(ws: Workspace, text: str, sources_abs: dict[str, str], cwd: Path | None = None) -> list[Diagnostic]:
+def parse_diagnostics(ws: Workspace, text: str, sources_abs: dict[str, str], cwd: Path | None = None,
+                      src: tuple[Path, str] | None = None) -> list[Diagnostic]:
     """nvcc/EDG (`file(line): error: msg`), gcc/clang (`file:line:col: error: msg`) and tool lines
     (`ptxas error : msg`, `nvcc fatal : msg`)."""
     out: list[Diagnostic] = []
@@ -230,7 +233,7 @@ def parse_diagnostics(ws: Workspace, text: str, sources_abs: dict[str, str], cwd
         m = _NVCC_DIAG.match(line)
         if m:
             sev = "error" if "error" in m.group("sev") else ("note" if m.group("sev") in ("note", "remark") else "warning")
-            file_rel = _relpath(ws, m.group("file"), cwd)
+            file_rel = _relpath(ws, m.group("file"), cwd, src)
             ln = int(m.group("line"))
             col = _caret_column(lines, i, sources_abs.get(file_rel), ln)
             out.append(Diagnostic(file=file_rel, line=ln, column=col, severity=sev, message=m.group("msg").strip()))
@@ -238,7 +241,7 @@ def parse_diagnostics(ws: Workspace, text: str, sources_abs: dict[str, str], cwd
         m = _GCC_DIAG.match(line)
         if m:
             sev = "error" if "error" in m.group("sev") else m.group("sev")
-            out.append(Diagnostic(file=_relpath(ws, m.group("file"), cwd), line=int(m.group("line")),
+            out.append(Diagnostic(file=_relpath(ws, m.group("file"), cwd, src), line=int(m.group("line")),
                                   column=int(m.group("col")) if m.group("col") else None, severity=sev,
                                   message=m.group("msg").strip()))
             continue
@@ -365,7 +368,7 @@ def _collect_cuda(ws: Workspace, cand: Candidate, job_dir: Path, build: dict[str
         n, rel = step["n"], step["file"]
         log = _read_text(out / f"{n}.log")
         rc_text = _read_text(out / f"{n}.rc").strip()
-        step_diags = parse_diagnostics(ws, log, sources_abs, cwd=job_dir)
+        step_diags = parse_diagnostics(ws, log, sources_abs, cwd=job_dir, src=(job_dir / "src", cand.path))
         if rc_text not in ("", "0") and not any(d.severity == "error" for d in step_diags):
             tail = "\n".join(log.strip().splitlines()[-5:])
             step_diags.append(Diagnostic(file=f"{cand.path}/{rel}", severity="error",
@@ -506,13 +509,14 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def compile_candidate(ws: Workspace, path: str, arch: str | None = None, flags: list[str] | None = None,
-                      role: str = "writer") -> CompileResult:
-    """Validate, then build in the sandbox (or return the cached result). Bad input raises before
-    anything is written."""
+def compile_candidate(ws: Workspace, path: str | None, arch: str | None = None, flags: list[str] | None = None,
+                      role: str = "writer", candidate: str | None = None) -> CompileResult:
+    """Validate, then build in the sandbox (or return the cached result). The build reads a copy
+    of the sources as they were hashed (the cache key), never the live directory. Bad input
+    raises before anything is written."""
     flags = check_flags(list(flags or []))
     arch_name, _ = check_arch(arch)
-    cand = load_candidate(ws, path)
+    cand = resolve_candidate(ws, path, candidate)
     language = cand.spec.language
     if flags and language not in ("cuda", "cpp"):
         raise BadInput(f"flags apply to cuda/cpp candidates only; {cand.path} is a {language} candidate "
@@ -528,12 +532,12 @@ def compile_candidate(ws: Workspace, path: str, arch: str | None = None, flags: 
         except Exception:  # a stale or unreadable cache entry: rebuild
             pass
 
-    cand_dir = ws.resolve(cand.path)
     warnings = scan_candidate(cand.sources, language, cand.path)
     jobs_root = ws.kda_dir / "jobs"
     jobs_root.mkdir(parents=True, exist_ok=True)
     job_dir = jobs_root / new_id("compile")
-    job_dir.mkdir()
+    cand_dir = job_dir / "src"
+    cand.write_to(cand_dir)
     try:
         t0 = time.perf_counter()
         if language in ("cuda", "cpp"):

@@ -281,10 +281,7 @@ def prepare_job(ws: Workspace, cand: Candidate, workload: dict[str, Any], exe: s
     job_dir = Path(tempfile.mkdtemp(prefix="kda-profile-"))
     cdir = job_dir / "candidate"
     cdir.mkdir()
-    for rel, text in cand.sources.items():
-        p = cdir / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+    cand.write_to(cdir)
     spec = {"candidate_dir": str(cdir), "entry_point": cand.spec.entry_point,
             "destination_passing_style": cand.spec.destination_passing_style, "definition": ws.definition(),
             "workload": workload, "safetensors_root": str(ws.task_dir), "warmup": 3, "seed": 0,
