@@ -39,7 +39,7 @@ from .tripwires import Tripwire, scan_candidate
 from .workspace import Workspace
 
 if TYPE_CHECKING:
-    from kda.sandbox.runner import JobResult, Limits
+    from kda.sandbox.runner import JobResult
 
 RECORD_VERSION = 1  # bump when the record layout changes: old cache entries stop matching
 
@@ -273,18 +273,13 @@ def _caret_column(lines: list[str], i: int, source: str | None, line_no: int) ->
 
 
 # --- the build jobs ------------------------------------------------------------------------------
-def _job_limits(ws: Workspace) -> tuple[Limits, float, bool]:
-    sb = ws.policy.sandbox
-    return sb.limits(), min(sb.wall_timeout_s, 900.0), sb.require_isolation
-
-
 def _sandbox_job(ws: Workspace, cand_dir: Path, job_dir: Path, argv: list[str], env: dict[str, str]) -> JobResult:
     from kda.sandbox.runner import Job, run_job  # loaded on the first build, not at server start
 
-    limits, wall, require = _job_limits(ws)
+    sb = ws.policy.sandbox
     job = Job(argv=argv, cwd=job_dir, ro_paths=[cand_dir], hide_paths=[ws.kda_dir, ws.work_dir], env=env,
-              wall_timeout_s=wall, limits=limits, tail_bytes=256 * 1024)
-    return run_job(job, require_isolation=require)
+              wall_timeout_s=min(sb.wall_timeout_s, 900.0), limits=sb.limits(), tail_bytes=256 * 1024)
+    return run_job(job, require_isolation=sb.require_isolation)
 
 
 def _build_cuda(ws: Workspace, cand: Candidate, cand_dir: Path, job_dir: Path, arch: str,
