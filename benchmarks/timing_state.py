@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import say, spread  # noqa: E402  (the sibling script: one definition of the spread)
 KERNEL_DIR = REPO / "tests" / "data_bench" / "triton_rmsnorm"
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def smi() -> str:
@@ -46,10 +44,6 @@ def smi() -> str:
                                "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         return f"unavailable: {e}"
-
-
-def rel_spread(xs: list[float]) -> float:
-    return (max(xs) - min(xs)) / statistics.median(xs)
 
 
 class Bench:
@@ -117,13 +111,13 @@ def placement(b: Bench, wls: list[dict], n_sets: int, passes: int, iters: int) -
                 per_pass_set[i].append(statistics.median(xs))
             clocks.append(smi())
         set_medians = [statistics.median(v) for v in per_set.values()]
-        within = [rel_spread(v) for v in per_pass_set.values()]
+        within = [spread(v) for v in per_pass_set.values()]
         # What a run with 3 sets (the harness's old setting) or all sets would report, per pass.
         runs3 = [statistics.median(sum((per_pass_set[i][p:p + 1] for i in range(k, k + 3)), []))
                  for p in range(passes) for k in range(0, n_sets - 2, 3)]
-        row = {"axes": wl["axes"], "set_medians_us": set_medians, "set_spread": rel_spread(set_medians),
+        row = {"axes": wl["axes"], "set_medians_us": set_medians, "set_spread": spread(set_medians),
                "pass_spread_within_set_median": statistics.median(within),
-               "pass_medians_us": per_pass_set, "clocks": clocks, "runs_of_3_sets_spread": rel_spread(runs3)}
+               "pass_medians_us": per_pass_set, "clocks": clocks, "runs_of_3_sets_spread": spread(runs3)}
         rows.append(row)
         say(f"  placement {wl['axes']}: set medians {min(set_medians):.3f}..{max(set_medians):.3f} us "
             f"(spread {row['set_spread']:.2%}), pass-to-pass within a set {row['pass_spread_within_set_median']:.2%}, "
@@ -259,7 +253,7 @@ def main() -> int:
 def checks_part(b: Bench, by_b: dict, out: dict) -> None:
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         for busy in (False, True):
-            r = checks(b, by_b[14509], Path(tmp), busy)
+            r = checks(b, by_b[max(by_b)], Path(tmp), busy)
             out.setdefault("checks", []).append(r)
             say("  " + ("beside a busy process: " if busy else "alone: ") + ", ".join(
                 f"{k} {v:.1f}" for k, v in r.items() if k != "busy"))
