@@ -86,13 +86,8 @@ class Bench:
             self.hold.mark()
         acts = self.tracer.stop()
         spans = self.tracer.spans_us(acts, iters)
-        # From the end of each hold to the start of the call's first work (queued long before):
-        # the device's launch gap, which the span leaves out. Here nothing else sits between them;
-        # in the bench worker the start event does, and the gap there is about 2.5 us.
-        holds = [a for a in acts if self.DT.SPIN in a.name][0::2]
-        work = [a for a in acts if self.DT.SPIN not in a.name]
-        self.last_gaps = [min((w.start_ns for w in work if w.start_ns >= h.end_ns), default=h.end_ns) / 1e3
-                          - h.end_ns / 1e3 for h in holds]
+        # The device's launch gap, which the bench worker measures once and adds to every span.
+        self.last_gaps = self.tracer.launch_gaps_us(acts)
         return [s for s, _, _ in spans]
 
 

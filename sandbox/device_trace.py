@@ -81,6 +81,18 @@ class Activity:
     stream: int
 
 
+def middle_mean(xs: list[float]) -> float:
+    """Mean of the middle half (the interquartile mean): robust like a median, yet it moves
+    smoothly when the samples sit on a coarse grid (timestamps step in tens of ns here), where a
+    median jumps from step to step."""
+    v = sorted(xs)
+    if not v:
+        raise TraceError("no samples to average")
+    q = len(v) // 4
+    mid = v[q:len(v) - q]
+    return sum(mid) / len(mid)
+
+
 class Tracer:
     def __init__(self) -> None:
         self._prof = None
@@ -123,6 +135,21 @@ class Tracer:
             except Exception:  # the block already failed; its error is the one to report
                 pass
             self._prof = None
+
+    @staticmethod
+    def launch_gaps_us(acts: list[Activity]) -> list[float]:
+        """Per hold: from its end to the start of the first work queued behind it (us). With the
+        work queued long before the hold ends, this is the device's own launch gap: the time a
+        kernel waiting in a stream occupies the device before its first instruction, which the
+        kernel's span leaves out and Nsight Compute's `gpu__time_duration` counts."""
+        spins = [a for a in acts if SPIN in a.name]
+        work = [a for a in acts if SPIN not in a.name]
+        out = []
+        for h, m in zip(spins[0::2], spins[1::2]):
+            first = min((w.start_ns for w in work if h.end_ns <= w.start_ns < m.start_ns), default=None)
+            if first is not None:  # a frame with no work has no gap
+                out.append((first - h.end_ns) / 1e3)
+        return out
 
     def spans_us(self, acts: list[Activity], n: int) -> list[tuple[float, int, int]]:
         """Per iteration: (device span in us, activities, distinct streams) of what ran between the

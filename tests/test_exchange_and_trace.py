@@ -142,6 +142,25 @@ def test_each_call_is_the_span_of_its_work_on_every_stream():
     assert spans[1] == (pytest.approx(26.95), 2, 2)
 
 
+def test_the_launch_gap_runs_from_each_hold_to_its_first_queued_work():
+    acts = _acts(
+        (SPIN, 1_000, 21_000, 7), ("k1", 22_000, 24_000, 7), ("side", 22_500, 23_000, 9),
+        (SPIN, 30_000, 30_100, 7),
+        (SPIN, 32_000, 35_000, 7), (SPIN, 36_000, 36_100, 7),  # a frame with no work has no gap
+        (SPIN, 40_000, 60_000, 7), ("k1", 61_250, 62_000, 7), (SPIN, 70_000, 70_100, 7))
+    assert DT.Tracer.launch_gaps_us(acts) == [pytest.approx(1.0), pytest.approx(1.25)]
+
+
+def test_middle_mean_ignores_the_tails_and_moves_between_grid_steps():
+    # Timestamps on a 32 ns grid: a median sits on a step, the middle mean between steps.
+    grid = [0.992] * 45 + [1.024] * 55 + [40.0] * 10  # and a tail of slow host launches
+    assert sorted(grid)[len(grid) // 2] == 1.024
+    assert DT.middle_mean(grid) == pytest.approx((0.992 * 18 + 1.024 * 38) / 56)
+    assert DT.middle_mean([5.0]) == 5.0
+    with pytest.raises(DT.TraceError):
+        DT.middle_mean([])
+
+
 def test_a_call_with_no_device_work_reads_zero():
     acts = _acts((SPIN, 0, 10_000, 7), (SPIN, 12_000, 12_100, 7))
     assert DT.Tracer().spans_us(acts, 1) == [(0.0, 0, 0)]
@@ -163,12 +182,16 @@ def test_a_traced_kernel_reads_its_device_time():
     if not DT.Tracer.available():
         pytest.skip("this torch build has no CUPTI")
     hold, tr = DT.SpinHold(torch.device("cuda")), DT.Tracer()
+    x = torch.ones(1 << 20, device="cuda")
+    x.mul_(2)  # loads both kernels before the trace: a first launch takes milliseconds
     tr.start()
     for _ in range(5):
-        hold(30.0)
+        hold(500.0)  # long enough to queue both launches behind it, even on a busy host
         x = torch.ones(1 << 20, device="cuda")
         x.mul_(2)
         torch.cuda.synchronize()
         hold.mark()
-    spans = tr.spans_us(tr.stop(), 5)
+    acts = tr.stop()
+    spans = tr.spans_us(acts, 5)
     assert all(n == 2 and 0.5 < us < 200 for us, n, _ in spans), spans
+    assert 0.1 < DT.middle_mean(DT.Tracer.launch_gaps_us(acts)) < 10.0
