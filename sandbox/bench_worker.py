@@ -305,11 +305,30 @@ class Worker:
                 spans = tr.spans_us(acts, 2)
                 if not all(n == 1 for _, n, _ in spans):
                     raise DT.TraceError(f"a traced test frame read back as {spans}")
-                return tr, hold, "CUPTI device timestamps behind a spin-kernel hold (events as a cross-check)"
+                return tr, hold, ("CUPTI device span plus the device's launch gap, behind a spin-kernel hold "
+                                  "(events as a cross-check)")
             except Exception as e:  # CUPTI present but unusable here: the events time the calls
                 why = f"device trace unavailable: {type(e).__name__}: {str(e)[:200]}"
         holder, mode = self._triton_holder()
         return None, holder, f"{mode}; {why}"
+
+    def _launch_gap(self, frames: int = 200) -> float:
+        """The device's launch gap (see `Tracer.launch_gaps_us`), from `frames` frames of a hold and
+        a one-element add queued behind it. The orchestrator adds it to every span, once per call,
+        so a latency is the time the call occupies the device in a stream, as Nsight Compute counts
+        a kernel. Events need no such term: their frame already carries more than that."""
+        probe = torch.zeros(1, device=self.device)
+        self.tracer.start()
+        try:
+            for _ in range(frames):
+                self.holder(20.0)  # far longer than the host takes to queue the add behind it
+                probe.add_(1)
+                _cuda_sync()
+                self.holder.mark()
+            acts = self.tracer.stop()
+        finally:
+            self.tracer.abandon()
+        return DT.middle_mean(DT.Tracer.launch_gaps_us(acts)[1:])  # the first frame wakes the clocks
 
     def _triton_holder(self):
         """The all-SM hold kernel, if it compiles and holds as long as asked; else time without it."""
@@ -717,8 +736,15 @@ class Worker:
                        "was synchronized: work was finished outside the timed region")
         return {"seed": sl.seeds[s]}
 
-    def bandwidth(self, p: dict) -> dict:
-        """Device copy bandwidth (bytes read + written per second), best of a few large copies."""
+    def calibrate(self, p: dict) -> dict:
+        """The device's figures, measured once per device: copy bandwidth (bytes read + written per
+        second, best of a few large copies) and, where CUPTI times the calls, the launch gap."""
+        out = self._bandwidth(p)
+        if self.tracer is not None:
+            out["launch_gap_us"] = self._launch_gap()
+        return out
+
+    def _bandwidth(self, p: dict) -> dict:
         if self.cuda:
             n = int(p.get("bytes", 1 << 30))
             a = torch.empty(n // 4, dtype=torch.float32, device=self.device).fill_(1.0)
@@ -782,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ops = {"env": lambda p: w.env(), "load": w.load, "prepare": w.prepare, "release": w.release,
            "trial": w.trial, "check": w.check, "time": w.time_block, "save_slot": w.save_slot,
-           "bandwidth": w.bandwidth, "sync": lambda p: (w.sync(), w._check_integrity("the baseline's turn"))[1] or {}}
+           "calibrate": w.calibrate, "sync": lambda p: (w.sync(), w._check_integrity("the baseline's turn"))[1] or {}}
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()

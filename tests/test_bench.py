@@ -252,7 +252,7 @@ async def test_python_candidate_end_to_end(workspace):
         stored = workspace.store.get_run(run_id)
         assert stored["candidate_hash"] == out["candidate_hash"] and stored["device"] == out["device"]
         # The device's copy bandwidth was measured once and cached for later runs.
-        assert workspace.store.list_runs(kind="bandwidth")
+        assert workspace.store.list_runs(kind="calibration")
         r = await client.call_tool("show_run", {"run_id": "run_nope"})
         assert r.is_error and "no run" in r.content[0].text
     # Workers' scratch directories are gone; nothing of the run lingers outside the store (but the
@@ -477,6 +477,7 @@ def _analyzer(workspace, device: str):
     run = object.__new__(bench.BenchRun)
     run.ws, run.pol, run.device = workspace, workspace.policy, device
     run.definition = workspace.definition()
+    run.launch_gap_us = 0.0
     return run
 
 
@@ -510,6 +511,26 @@ def test_rules_with_device_timestamps(workspace):
     st = _state(small, [10.0] * 50, [2.0] * 50, events=[3.0] * 50)
     st.empty_calls = 3
     assert any("no device work" in n for n in gpu._analyze(st, bw)["notes"])
+
+
+def test_latency_is_the_span_plus_the_launch_gap(workspace):
+    """Traced runs add the device's launch gap once per call, to both sides; the floor and the
+    no-work rule still judge the span itself."""
+    small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)
+    big = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 8192)
+    gpu = _analyzer(workspace, "cuda")
+    gpu.launch_gap_us = 1.0
+    bw = {"bytes_per_s": 3.0e12}
+    r = gpu._analyze(_state(small, [4.0] * 50, [2.0] * 50, events=[3.5] * 50), bw)
+    assert r["status"] == "PASSED"
+    assert (r["baseline_us"], r["candidate_us"]) == (pytest.approx(5.0), pytest.approx(3.0))
+    assert r["speedup"] == pytest.approx(5.0 / 3.0)  # not 4 / 2
+    assert r["clean_baseline_us"] == pytest.approx(5.0)
+    r = gpu._analyze(_state(small, [10.0] * 50, [0.0] * 50, events=[3.0] * 50), bw)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "no device work" in r["evidence"]
+    floor_us = floor.min_bytes(workspace.definition(), big) / 3.6e6  # ~37.3 us
+    r = gpu._analyze(_state(big, [60.0] * 100, [floor_us - 0.5] * 100), bw)  # span + gap is above it
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "device time" in r["evidence"]
 
 
 def test_rules_floor_interference_side_stream_and_sleep(workspace):

@@ -10,8 +10,9 @@ before the candidate is imported; then per workload: correctness trials on input
 seeds mixed with a per-run secret (outputs poisoned; the outputs and digests of the post-call
 inputs go to a file the trusted worker checks), then timing in blocks that alternate baseline and
 candidate (B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2
-flushed, device synchronized, the call timed by CUPTI device timestamps where torch has them (CUDA
-events otherwise, and always as a cross-check); the outputs of one timed iteration are checked
+flushed, device synchronized, the call timed by CUPTI device timestamps where torch has them (its
+span on every stream plus the device's launch gap, which Nsight Compute counts too; CUDA events
+otherwise, and always as a cross-check); the outputs of one timed iteration are checked
 after every candidate block. Medians with bootstrap intervals, speedups against the locked
 baseline, the physical floor, the interference check, the lock re-checked at the end. `phases_s` in the record says where the
 run's wall time went.
@@ -246,9 +247,9 @@ class WorkloadState:
 
 class BenchRun:
     def __init__(self, req: BenchRequest, progress: Callable[[float, float | None, str], None],
-                 cancel: CancelToken, store_bandwidth: bool = True):
+                 cancel: CancelToken, store_calibration: bool = True):
         self.req, self.progress, self.cancel = req, progress, cancel
-        self.store_bandwidth = store_bandwidth
+        self.store_calibration = store_calibration
         self.ws = req.ws
         self.pol = self.ws.policy
         self.run_id = new_id("run")
@@ -259,6 +260,7 @@ class BenchRun:
         self.states = [WorkloadState(w) for w in req.workloads]
         self.global_alerts: list[dict] = []
         self.notes: list[str] = []
+        self.launch_gap_us = 0.0
         self.trusted: WorkerClient | None = None
         self.cand: WorkerClient | None = None
         self.spare: WorkerPair | None = None
@@ -413,10 +415,13 @@ class BenchRun:
                                  baseline=base_desc, safetensors_root=str(self.ws.task_dir))
         self.loaded[self.ref_dir.name] = True
         device_key = self._device_key(lease, t_env)
-        measure = lambda: {k: v for k, v in self.trusted.request("bandwidth", 120).items()  # noqa: E731
-                           if k in ("bytes_per_s", "method")}
-        with self.phase("bandwidth"):
-            bw = floor_mod.cached_bandwidth(self.ws.store, device_key, measure, keep=self.store_bandwidth)
+        measure = lambda: {k: v for k, v in self.trusted.request("calibrate", 120).items()  # noqa: E731
+                           if k in ("bytes_per_s", "method", "launch_gap_us")}
+        with self.phase("calibration"):
+            bw = floor_mod.cached_calibration(self.ws.store, device_key, measure, keep=self.store_calibration)
+        # Added to both sides' spans; zero where events time the calls (their frame carries more).
+        traced = str(t_env.get("timing_mode", "")).startswith("CUPTI")
+        self.launch_gap_us = float(bw.get("launch_gap_us") or 0.0) if traced else 0.0
         # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
         for i, st in enumerate(self.states):
             self.cancel.check()
@@ -654,18 +659,22 @@ class BenchRun:
         seed = int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
         reps = None
         if st.status == "PASSED" and st.base and st.cand:
-            b = stats.median_ci(st.base, seed=seed)
-            c = stats.median_ci(st.cand, seed=seed + 7)
+            # A latency is the call's device span plus the launch gap it waited in the stream
+            # (zero where events time the calls, whose frame already carries more than that).
+            gap = self.launch_gap_us
+            base, cand = [x + gap for x in st.base], [x + gap for x in st.cand]
+            b = stats.median_ci(base, seed=seed)
+            c = stats.median_ci(cand, seed=seed + 7)
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
                        candidate_ci_us=c.as_list())
-            if c.value > 0:
-                sp, reps = stats.speedup_ci(st.base, st.cand, seed=seed + 13)
+            if c.value - gap > 0:
+                sp, reps = stats.speedup_ci(base, cand, seed=seed + 13)
                 out.update(speedup=sp.value, speedup_ci=sp.as_list())
             else:  # half the timed calls or more ran nothing on the device
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
                         f"median {c.value:.3f} us: the timed calls ran no device work, so the work was not done in them")
             if st.clean:
-                cl = stats.median_ci(st.clean, seed=seed + 3)
+                cl = stats.median_ci([x + gap for x in st.clean], seed=seed + 3)
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
                 ratio_limit = (self.pol.benchmark.interference_ratio if self.device != "cpu"
                                else self.pol.benchmark.cpu_interference_ratio)
@@ -696,6 +705,7 @@ class BenchRun:
                             f"{unaccounted - honest:.1f} us more than the baseline's {honest:.1f} us (event time "
                             f"{c.value:.2f} us): work was launched where the timer does not see it")
             med = c.value
+            span = med - gap  # the floor bounds the work itself, without the launch gap
             # A sleeping call idles (wall time without CPU time) again and again; one preempted call
             # on a busy machine does not count.
             idle = [w for w in st.cand_warmup if w["idle_ms"] > 20.0 and w["idle_ms"] > 0.8 * w["wall_ms"]
@@ -705,9 +715,9 @@ class BenchRun:
                 st.fail("TIMING_TAMPERED", "warmup_idle",
                         f"{len(idle)} warm-up call(s) idled (slept) up to {worst['idle_ms']:.0f} ms against a timed "
                         f"median of {med:.1f} us: timing-dependent behaviour")
-            if fl is not None and med < fl:
+            if fl is not None and span < fl:
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
-                        f"median {med:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes at the measured "
+                        f"median device time {span:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes at the measured "
                         f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have been done")
         out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
                    notes=st.notes[:20], timed_checks=st.timed_checks,
@@ -782,7 +792,7 @@ class BenchRun:
         status = min((r["status"] for r in rows), key=SEVERITY.index) if rows else "PASSED"
         device_label = "cpu" if lease.kind == "cpu" else f"cuda:{t_env.get('gpu_name', lease.index)}"
         env = {"device": device_label, "lease": lease.label, "worker": t_env, "candidate_worker": c_env,
-               "gpu_start": env_start, "gpu_end": env_end, "bandwidth": bw, "isolation": self.isolation,
+               "gpu_start": env_start, "gpu_end": env_end, "calibration": bw, "isolation": self.isolation,
                "worker_processes": {w.name: w.proc.pid for w in (self.trusted, self.cand) if w is not None},
                "host_python": sys.version.split()[0]}
         if lease.kind == "cpu":
@@ -802,7 +812,9 @@ class BenchRun:
                        "atol": self.pol.correctness.atol, "rtol": self.pol.correctness.rtol,
                        "required_matched_ratio": self.pol.correctness.required_matched_ratio,
                        "call_timeout_s": self.call_timeout, "interference_ratio": self.pol.benchmark.interference_ratio,
-                       "cpu_interference_ratio": self.pol.benchmark.cpu_interference_ratio},
+                       "cpu_interference_ratio": self.pol.benchmark.cpu_interference_ratio,
+                       # Latencies are the samples (device spans) plus this, once per call.
+                       "launch_gap_us": self.launch_gap_us},
             "logs": {"trusted": self.trusted.log_tail() if self.trusted else "",
                      "candidate": self.cand.log_tail() if self.cand else "",
                      "notes": self.notes[-10:]},

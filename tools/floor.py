@@ -2,8 +2,9 @@
 
 Bytes: every input tensor read once and every output written once, from the definition's
 shapes and dtypes. Bandwidth: the device's measured copy bandwidth (bytes read plus written
-per second), measured once per device and kept in the store as a run of kind `bandwidth`
-with a cache key per device. A latency below `bytes / bandwidth` cannot be real.
+per second), measured once per device and kept in the store as a run of kind `calibration`
+(with the device's launch gap, which the benchmark adds to its spans) under a cache key per
+device. A latency below `bytes / bandwidth` cannot be real.
 
 On a CPU the caches are not flushed between iterations, so the floor is only applied where
 the data is larger than twice the last-level cache.
@@ -77,11 +78,12 @@ def floor_us(nbytes: int, bytes_per_s: float | None, device: str) -> float | Non
     return nbytes / (bytes_per_s * COPY_TO_PEAK) * 1e6
 
 
-def cached_bandwidth(store: Store, device_key: str, measure: Callable[[], dict[str, Any]],
-                     keep: bool = True) -> dict[str, Any]:
-    """The device's copy bandwidth: from the store when measured before, else measured now and
-    kept (unless `keep` is False: a read-only caller measures without recording)."""
-    key = f"bandwidth:{device_key}"
+def cached_calibration(store: Store, device_key: str, measure: Callable[[], dict[str, Any]],
+                       keep: bool = True) -> dict[str, Any]:
+    """The device's measured figures (copy bandwidth; the launch gap where CUPTI times the calls):
+    from the store when measured before, else measured now and kept (unless `keep` is False: a
+    read-only caller measures without recording). Measured once, they add no run-to-run noise."""
+    key = f"calibration:{device_key}"
     run_id = store.cache_get(key)
     if run_id:
         try:
@@ -93,8 +95,9 @@ def cached_bandwidth(store: Store, device_key: str, measure: Callable[[], dict[s
     rec["device_key"] = device_key
     if not keep:
         return {**rec, "run_id": None, "cached": False}
-    run_id = store.put_run("bandwidth", "system", "ok",
-                           f"copy bandwidth {rec['bytes_per_s'] / 1e9:.1f} GB/s on {device_key}", rec,
+    gap = f", launch gap {rec['launch_gap_us']:.3f} us" if rec.get("launch_gap_us") is not None else ""
+    run_id = store.put_run("calibration", "system", "ok",
+                           f"copy bandwidth {rec['bytes_per_s'] / 1e9:.1f} GB/s{gap} on {device_key}", rec,
                            device=device_key)
-    store.cache_put(key, "bandwidth", run_id)
+    store.cache_put(key, "calibration", run_id)
     return {**rec, "run_id": run_id, "cached": False}

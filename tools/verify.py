@@ -140,7 +140,7 @@ def run_verify(req: bench.BenchRequest, progress: Callable[[float, float | None,
                cancel: CancelToken) -> tuple[str, dict[str, Any]]:
     ws = req.ws
     sol = pack_solution(ws, req.candidate)
-    runner = bench.BenchRun(req, progress, cancel, store_bandwidth=False)
+    runner = bench.BenchRun(req, progress, cancel, store_calibration=False)
     integrity = runner.run_unstored()
     official = _official(ws, sol, req.workloads, cancel, progress)
     agreement = _agreement(ws, integrity, official)
