@@ -149,7 +149,7 @@ def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
 
     per: dict[str, list[float]] = {}
     per_ev: dict[str, list[float]] = {}
-    walls, statuses, phases, ops, startup, waits = [], {}, [], [], [], []
+    walls, statuses, phases, ops, startup, waits, gaps = [], {}, [], [], [], [], []
     bench_workers.spares.clear()
     for i in range(repeats):
         if i:
@@ -161,10 +161,11 @@ def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
         phases.append(rec.get("phases_s", {}))
         ops.append(rec.get("worker_ops_s", {}))
         startup.append({k: rec["env"].get(k, {}).get("startup_s") for k in ("worker", "candidate_worker")})
+        gaps.append(rec["config"].get("launch_gap_us"))
         spare = any("started ahead" in f for f in rec.get("flags", []))
         say(f"  ours repeat {i + 1}/{repeats} ({'spare workers' if spare else 'cold start'}): {rec['headline'][:120]} "
             f"({walls[-1]:.1f} s; " + ", ".join(f"{k} {v:.2f}" for k, v in phases[-1].items()) + ")")
-        say(f"    worker ops: {ops[-1]}")
+        say(f"    worker ops: {ops[-1]}; launch gap {gaps[-1]} us")
         for w in rec["workloads"]:
             statuses[w["uuid"]] = w["status"]
             if w.get("candidate_us"):
@@ -176,7 +177,7 @@ def ours(ws: Any, workloads: Any, repeats: int, mode: str) -> dict[str, Any]:
         f"candidate {rec['env'].get('candidate_worker', {}).get('startup_s')}")
     bench_workers.spares.clear()
     return {"median_us": per, "wall_s": walls[1:] or walls, "wall_cold_s": walls[:1], "status": statuses,
-            "phases_s": phases, "worker_ops_s": ops, "startup_s": startup, "spare_wait_s": waits,
+            "phases_s": phases, "worker_ops_s": ops, "startup_s": startup, "spare_wait_s": waits, "launch_gap_us": gaps,
             "timing_mode": rec["env"]["worker"].get("timing_mode"), "events": {"median_us": per_ev}}
 
 
@@ -493,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             walls[task]["ours_cold"] = (res.get("ours") or {}).get("wall_cold_s")
             walls[task]["workloads"] = len(wls)
             details[task] = {k: (res.get("ours") or {}).get(k)
-                             for k in ("median_us", "phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode")}
+                             for k in ("median_us", "phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode",
+                                       "launch_gap_us")}
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):
