@@ -25,7 +25,7 @@ for d in /opt/nvidia/nsight-compute/*/; do [ -x "$d/ncu" ] && export PATH=$d:$PA
   nvcc --version | tail -1; ncu --version | tail -1
   bwrap --version && bwrap --ro-bind / / --dev /dev --proc /proc --unshare-all --die-with-parent true && echo "bwrap works"
 } 2>&1 | tee "$OUT/env.txt"
-STEPS=${STEPS:-"gputests benchtests"}
+STEPS=${STEPS-"gputests benchtests"}  # set but empty: set-up only
 TIMING_STATE_ARGS=${TIMING_STATE_ARGS:-}
 
 NOWIKI="--ignore=tests/test_wiki_schema.py --ignore=tests/test_wiki_search.py --ignore=tests/wiki_eval"
