@@ -168,3 +168,33 @@ def test_cli_init_errors_are_clear(tmp_path):
     r = subprocess.run([*kda, "init", str(tmp_path / "w"), "--task", "rmsnorm_h4096"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "14 workloads" in r.stdout
+
+
+def test_device_calibration_is_measured_once_and_again_when_a_figure_is_missing(tmp_path):
+    from kda.tools.floor import cached_calibration
+    from kda.tools.store import Store
+
+    store = Store(tmp_path / ".kda")
+    store.initialize()
+    calls = []
+
+    def measure(gap):
+        def run():
+            calls.append(gap)
+            return {"bytes_per_s": 3.0e12, "method": "copy", **({"launch_gap_us": gap} if gap else {})}
+        return run
+
+    # A run whose device trace was unavailable measures no gap ...
+    first = cached_calibration(store, "cuda|H|0", measure(None))
+    assert first["cached"] is False and "launch_gap_us" not in first
+    assert cached_calibration(store, "cuda|H|0", measure(None))["cached"] is True
+    # ... so a traced run measures again, and later traced runs reuse that figure.
+    traced = cached_calibration(store, "cuda|H|0", measure(1.05), require=("launch_gap_us",))
+    assert traced["cached"] is False and traced["launch_gap_us"] == 1.05
+    again = cached_calibration(store, "cuda|H|0", measure(0.9), require=("launch_gap_us",))
+    assert again["cached"] is True and again["launch_gap_us"] == 1.05 and again["run_id"] == traced["run_id"]
+    assert calls == [None, 1.05]
+    # A read-only caller measures without recording; another device has its own figures.
+    assert cached_calibration(store, "cuda|H|1", measure(0.97), keep=False)["run_id"] is None
+    assert cached_calibration(store, "cuda|H|1", measure(0.98))["launch_gap_us"] == 0.98
+    assert [r["kind"] for r in store.list_runs(kind="calibration")] == ["calibration"] * 3

@@ -417,11 +417,13 @@ class BenchRun:
         device_key = self._device_key(lease, t_env)
         measure = lambda: {k: v for k, v in self.trusted.request("calibrate", 120).items()  # noqa: E731
                            if k in ("bytes_per_s", "method", "launch_gap_us")}
-        with self.phase("calibration"):
-            bw = floor_mod.cached_calibration(self.ws.store, device_key, measure, keep=self.store_calibration)
-        # Added to both sides' spans; zero where events time the calls (their frame carries more).
+        # The launch gap is added to both sides' spans; not where events time the calls (their
+        # frame already carries more than that).
         traced = str(t_env.get("timing_mode", "")).startswith("CUPTI")
-        self.launch_gap_us = float(bw.get("launch_gap_us") or 0.0) if traced else 0.0
+        with self.phase("calibration"):
+            bw = floor_mod.cached_calibration(self.ws.store, device_key, measure, keep=self.store_calibration,
+                                              require=("launch_gap_us",) if traced else ())
+        self.launch_gap_us = float(bw["launch_gap_us"]) if traced else 0.0
         # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
         for i, st in enumerate(self.states):
             self.cancel.check()

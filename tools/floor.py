@@ -79,18 +79,21 @@ def floor_us(nbytes: int, bytes_per_s: float | None, device: str) -> float | Non
 
 
 def cached_calibration(store: Store, device_key: str, measure: Callable[[], dict[str, Any]],
-                       keep: bool = True) -> dict[str, Any]:
+                       keep: bool = True, require: tuple[str, ...] = ()) -> dict[str, Any]:
     """The device's measured figures (copy bandwidth; the launch gap where CUPTI times the calls):
-    from the store when measured before, else measured now and kept (unless `keep` is False: a
-    read-only caller measures without recording). Measured once, they add no run-to-run noise."""
+    from the store when measured before with every figure in `require`, else measured now and kept
+    (unless `keep` is False: a read-only caller measures without recording). Measured once, they
+    add no run-to-run noise. (A run whose device trace was unavailable measures no launch gap; the
+    next traced run measures again rather than time without one.)"""
     key = f"calibration:{device_key}"
     run_id = store.cache_get(key)
     if run_id:
         try:
             rec = store.get_run(run_id)["record"]
+        except Exception:  # the cached run is gone: measure again
+            rec = None
+        if rec is not None and all(rec.get(k) is not None for k in require):
             return {**rec, "run_id": run_id, "cached": True}
-        except Exception:
-            pass
     rec = measure()
     rec["device_key"] = device_key
     if not keep:
