@@ -741,7 +741,10 @@ class Worker:
         second, best of a few large copies) and, where CUPTI times the calls, the launch gap."""
         out = self._bandwidth(p)
         if self.tracer is not None:
-            out["launch_gap_us"] = self._launch_gap()
+            try:
+                out["launch_gap_us"] = self._launch_gap()
+            except Exception as e:  # the run times spans alone and says why; the next run retries
+                out["launch_gap_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         return out
 
     def _bandwidth(self, p: dict) -> dict:

@@ -244,6 +244,11 @@ async def test_python_candidate_end_to_end(workspace):
         assert rec["env"]["device"].startswith(DEVICE) and rec["env"]["worker"]["torch"] == torch.__version__
         assert rec["env"]["isolation"] in ("bubblewrap", "rlimits-only")
         assert rec["config"]["trials"] >= 3 and rec["config"]["order"].startswith("B C C B")
+        gaps = {rec["config"]["launch_gap_us"]} | {w["launch_gap_us"] for w in page["items"]}
+        if rec["env"]["device"] == "cpu":  # the host clock times the calls: no launch gap is added
+            assert gaps == {0.0}
+        else:  # one figure for the run, the device's
+            assert len(gaps) == 1
         r = await client.call_tool("show_run", {"run_id": run_id, "offset": 1, "include_samples": True,
                                                 "include_logs": True})
         item = r.structured_content["items"][0]
@@ -528,9 +533,36 @@ def test_latency_is_the_span_plus_the_launch_gap(workspace):
     assert r["clean_baseline_us"] == pytest.approx(5.0)
     r = gpu._analyze(_state(small, [10.0] * 50, [0.0] * 50, events=[3.0] * 50), bw)
     assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "no device work" in r["evidence"]
+    assert "span 0.000 us" in r["evidence"] and r["launch_gap_us"] == 1.0
+    # A small baseline slowed 1.33x beside the candidate is interference, the gap notwithstanding
+    # (median spans 2.80 against 2.10 us; with the gap, 3.80 against 3.10 would be only 1.23x).
+    r = gpu._analyze(_state(small, [2.75 + 0.001 * i for i in range(100)], [2.0] * 100, events=[3.5] * 100,
+                            clean=[2.05 + 0.001 * i for i in range(100)]), bw)
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "interference" and "1.33x" in r["evidence"]
     floor_us = floor.min_bytes(workspace.definition(), big) / 3.6e6  # ~37.3 us
     r = gpu._analyze(_state(big, [60.0] * 100, [floor_us - 0.5] * 100), bw)  # span + gap is above it
     assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "device time" in r["evidence"]
+
+
+def test_verify_compares_spans_with_a_writer_record_of_another_launch_gap(workspace):
+    """A writer record made before the device's launch gap was measured (none in its rows) agrees
+    with a verify run that adds one, when the spans agree; and disagrees when they do not."""
+    from kda.tools.verify import _agreement
+
+    uuid = workspace.workloads()[0]["uuid"]
+    row = {"uuid": uuid, "status": "PASSED", "candidate_us": 2.20, "candidate_ci_us": [2.18, 2.22]}
+    workspace.store.put_run("benchmark", "writer", "PASSED", "w", {"workloads": [row]},
+                            candidate_hash="c" * 64, device="cuda:H200")
+
+    def verify_row(span):
+        return {"uuid": uuid, "status": "PASSED", "launch_gap_us": 1.05, "candidate_us": span + 1.05,
+                "candidate_ci_us": [span + 1.03, span + 1.07]}
+
+    integrity = {"candidate_hash": "c" * 64, "device": "cuda:H200", "workloads": [verify_row(2.21)]}
+    agree = _agreement(workspace, integrity, {"ran": False})
+    assert agree["agrees"] is True and agree["workloads"][0]["latency_diff_pct"] < 1.0, agree
+    integrity["workloads"] = [verify_row(2.60)]  # 18 % slower on the device
+    assert _agreement(workspace, integrity, {"ran": False})["agrees"] is False
 
 
 def test_rules_floor_interference_side_stream_and_sleep(workspace):

@@ -416,14 +416,17 @@ class BenchRun:
         self.loaded[self.ref_dir.name] = True
         device_key = self._device_key(lease, t_env)
         measure = lambda: {k: v for k, v in self.trusted.request("calibrate", 120).items()  # noqa: E731
-                           if k in ("bytes_per_s", "method", "launch_gap_us")}
-        # The launch gap is added to both sides' spans; not where events time the calls (their
-        # frame already carries more than that).
-        traced = str(t_env.get("timing_mode", "")).startswith("CUPTI")
+                           if k in ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")}
+        # The launch gap is added to both sides' spans when both workers time with CUPTI; not where
+        # events time the calls (their frame already carries more than that).
+        traced = all(str(e.get("timing_mode", "")).startswith("CUPTI") for e in (t_env, c_env))
         with self.phase("calibration"):
             bw = floor_mod.cached_calibration(self.ws.store, device_key, measure, keep=self.store_calibration,
                                               require=("launch_gap_us",) if traced else ())
-        self.launch_gap_us = float(bw["launch_gap_us"]) if traced else 0.0
+        self.launch_gap_us = float(bw.get("launch_gap_us") or 0.0) if traced else 0.0
+        if traced and bw.get("launch_gap_us") is None:
+            self.notes.append("the device's launch gap could not be measured "
+                              f"({bw.get('launch_gap_error', 'no figure')}): latencies are device spans alone")
         # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
         for i, st in enumerate(self.states):
             self.cancel.check()
@@ -483,8 +486,9 @@ class BenchRun:
         return ",".join(f"{k}={v}" for k, v in wl.get("axes", {}).items())
 
     def _device_key(self, lease: Lease, env: dict) -> str:
-        if lease.kind == "cuda":
-            return f"cuda|{env.get('gpu_name')}|{env.get('gpu_uuid') or lease.index}"
+        if lease.kind == "cuda":  # a new torch or CUDA may launch differently: measured again
+            return (f"cuda|{env.get('gpu_name')}|{env.get('gpu_uuid') or lease.index}"
+                    f"|torch {env.get('torch')}|cuda {env.get('cuda')}")
         import socket
         return f"cpu|{cpu_name()}|{socket.gethostname()}"
 
@@ -654,7 +658,8 @@ class BenchRun:
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
         from . import stats
 
-        out: dict[str, Any] = {"uuid": st.wl["uuid"], "axes": st.wl.get("axes", {})}
+        # The samples stay device spans; the latencies reported add `launch_gap_us` to each.
+        out: dict[str, Any] = {"uuid": st.wl["uuid"], "axes": st.wl.get("axes", {}), "launch_gap_us": self.launch_gap_us}
         nbytes = floor_mod.min_bytes(self.definition, st.wl)
         fl = floor_mod.floor_us(nbytes, bw.get("bytes_per_s"), self.device)
         out.update(bytes=nbytes, floor_us=fl, **st.correctness)
@@ -674,16 +679,20 @@ class BenchRun:
                 out.update(speedup=sp.value, speedup_ci=sp.as_list())
             else:  # half the timed calls or more ran nothing on the device
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
-                        f"median {c.value:.3f} us: the timed calls ran no device work, so the work was not done in them")
+                        f"median device span {c.value - gap:.3f} us: the timed calls ran no device work, so the work "
+                        "was not done in them")
             if st.clean:
                 cl = stats.median_ci([x + gap for x in st.clean], seed=seed + 3)
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
                 ratio_limit = (self.pol.benchmark.interference_ratio if self.device != "cpu"
                                else self.pol.benchmark.cpu_interference_ratio)
-                if b.value > ratio_limit * cl.value and b.lo > cl.hi:
+                # Judged on the spans: the gap added to both would dilute a slowdown of small kernels.
+                b_span, cl_span = b.value - gap, cl.value - gap
+                if b_span > ratio_limit * cl_span and b.lo > cl.hi:
                     st.fail("TIMING_TAMPERED", "interference",
-                            f"the baseline ran {b.value / cl.value:.2f}x slower beside the candidate ({b.value:.2f} us) "
-                            f"than alone before it was loaded ({cl.value:.2f} us): interference, not a speedup")
+                            f"the baseline ran {b_span / cl_span:.2f}x slower beside the candidate (device span "
+                            f"{b_span:.2f} us) than alone before it was loaded ({cl_span:.2f} us): interference, "
+                            "not a speedup")
             if self.device != "cpu" and st.cand_traced and st.cand_ev:
                 self._stream_checks(st, out)
             elif self.device != "cpu" and st.cand_host:

@@ -112,12 +112,16 @@ def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any
         status_ok = (ours["status"] == "PASSED") == (theirs["status"] == "PASSED")
         lat_ok, diff_pct = None, None
         if ours.get("candidate_ci_us") and theirs.get("candidate_ci_us"):
-            a, b = ours["candidate_ci_us"], theirs["candidate_ci_us"]
+            # Device spans, without each run's launch gap: a record made before the device's gap
+            # was measured (or with another figure) compares like for like.
+            ga, gb = ours.get("launch_gap_us") or 0.0, theirs.get("launch_gap_us") or 0.0
+            a, b = [x - ga for x in ours["candidate_ci_us"]], [x - gb for x in theirs["candidate_ci_us"]]
+            mine, writer = ours["candidate_us"] - ga, theirs["candidate_us"] - gb
             # Bootstrap intervals of a median are narrow; two separate runs also differ by
             # run-to-run drift, so medians within a small tolerance agree too (CPU timings of
             # Triton's interpreter drift far more than a GPU's).
             tol = 0.25 if integrity.get("device") == "cpu" else 0.05
-            diff_pct = 100.0 * abs(ours["candidate_us"] - theirs["candidate_us"]) / theirs["candidate_us"]
+            diff_pct = 100.0 * abs(mine - writer) / writer
             lat_ok = (a[0] <= b[1] and b[0] <= a[1]) or diff_pct <= 100.0 * tol  # the intervals overlap
         off = official_by.get(ours["uuid"])
         off_ok = None if off is None else ((off["status"] == "PASSED") == (theirs["status"] == "PASSED"))
