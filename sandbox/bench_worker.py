@@ -291,18 +291,7 @@ class Worker:
         if DT.Tracer.available():
             try:
                 hold, tr = DT.SpinHold(self.device), DT.Tracer()
-                t = torch.zeros(1, device=self.device)
-                tr.start()
-                try:
-                    for _ in range(2):
-                        hold(20.0)
-                        t.add_(1)
-                        _cuda_sync()
-                        hold.mark()
-                    acts = tr.stop()
-                finally:
-                    tr.abandon()
-                spans = tr.spans_us(acts, 2)
+                spans = tr.spans_us(_probe_frames(tr, hold, self.device, 2), 2)
                 if not all(n == 1 for _, n, _ in spans):
                     raise DT.TraceError(f"a traced test frame read back as {spans}")
                 return tr, hold, ("CUPTI device span plus the device's launch gap, behind a spin-kernel hold "
@@ -317,17 +306,7 @@ class Worker:
         a one-element add queued behind it. The orchestrator adds it to every span, once per call,
         so a latency is the time the call occupies the device in a stream, as Nsight Compute counts
         a kernel. Events need no such term: their frame already carries more than that."""
-        probe = torch.zeros(1, device=self.device)
-        self.tracer.start()
-        try:
-            for _ in range(frames):
-                self.holder(20.0)  # far longer than the host takes to queue the add behind it
-                probe.add_(1)
-                _cuda_sync()
-                self.holder.mark()
-            acts = self.tracer.stop()
-        finally:
-            self.tracer.abandon()
+        acts = _probe_frames(self.tracer, self.holder, self.device, frames)
         return DT.middle_mean(DT.Tracer.launch_gaps_us(acts)[1:])  # the first frame wakes the clocks
 
     def _triton_holder(self):
@@ -770,6 +749,21 @@ class Worker:
             b.copy_(a)
             best = min(best, _perf() - t0)
         return {"bytes_per_s": 2 * n / best, "method": f"torch copy_ of {n >> 20} MiB on CPU"}
+
+
+def _probe_frames(tracer: DT.Tracer, hold: DT.SpinHold, device: torch.device, frames: int) -> list[DT.Activity]:
+    """The trace of `frames` frames of a hold, a one-element add queued behind it, and the marker."""
+    probe = torch.zeros(1, device=device)
+    tracer.start()
+    try:
+        for _ in range(frames):
+            hold(20.0)  # far longer than the host takes to queue the add behind it
+            probe.add_(1)
+            _cuda_sync()
+            hold.mark()
+        return tracer.stop()
+    finally:
+        tracer.abandon()  # after a failure; a no-op once stopped
 
 
 def _is_fatal(e: BaseException) -> bool:

@@ -17,6 +17,7 @@ CUPTI (CPU builds do not), and the worker falls back to events when it does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch.autograd import DeviceType
@@ -142,11 +143,9 @@ class Tracer:
         work queued long before the hold ends, this is the device's own launch gap: the time a
         kernel waiting in a stream occupies the device before its first instruction, which the
         kernel's span leaves out and Nsight Compute's `gpu__time_duration` counts."""
-        spins = [a for a in acts if SPIN in a.name]
-        work = [a for a in acts if SPIN not in a.name]
         out = []
-        for h, m in zip(spins[0::2], spins[1::2]):
-            first = min((w.start_ns for w in work if h.end_ns <= w.start_ns < m.start_ns), default=None)
+        for h, _, work in _frames(acts):
+            first = min((w.start_ns for w in work if w.start_ns >= h.end_ns), default=None)
             if first is not None:  # a frame with no work has no gap
                 out.append((first - h.end_ns) / 1e3)
         return out
@@ -154,25 +153,33 @@ class Tracer:
     def spans_us(self, acts: list[Activity], n: int) -> list[tuple[float, int, int]]:
         """Per iteration: (device span in us, activities, distinct streams) of what ran between the
         iteration's hold and its marker. Raises TraceError unless there are exactly `n` of each."""
-        spins = [a for a in acts if SPIN in a.name]
-        if len(spins) != 2 * n:
-            raise TraceError(f"the device trace holds {len(spins)} spin kernels for {n} timed iterations, "
+        spins = sum(1 for a in acts if SPIN in a.name)
+        if spins != 2 * n:
+            raise TraceError(f"the device trace holds {spins} spin kernels for {n} timed iterations, "
                              f"expected {2 * n} (another profiler session, or the call ran torch.cuda._sleep)")
-        holds, marks = spins[0::2], spins[1::2]
-        work = [a for a in acts if SPIN not in a.name]
-        out, j = [], 0
-        for h, m in zip(holds, marks):
+        out = []
+        for h, m, work in _frames(acts):
             if m.start_ns < h.end_ns:
                 raise TraceError("a marker kernel started before its hold kernel ended")
-            while j < len(work) and work[j].start_ns < h.start_ns:
-                j += 1
-            first, last, count, streams = None, 0, 0, set()
-            while j < len(work) and work[j].start_ns < m.start_ns:
-                a = work[j]
-                first = a.start_ns if first is None else first
-                last = max(last, a.end_ns)
-                count += 1
-                streams.add(a.stream)
-                j += 1
-            out.append(((last - first) / 1e3 if first is not None else 0.0, count, len(streams)))
+            if work:
+                out.append(((max(a.end_ns for a in work) - work[0].start_ns) / 1e3, len(work),
+                            len({a.stream for a in work})))
+            else:
+                out.append((0.0, 0, 0))
         return out
+
+
+def _frames(acts: list[Activity]) -> Iterator[tuple[Activity, Activity, list[Activity]]]:
+    """Per frame of a sorted trace: its hold, its marker, and the work that started between the
+    hold's start and the marker's (on any stream)."""
+    spins = [a for a in acts if SPIN in a.name]
+    work = [a for a in acts if SPIN not in a.name]
+    j = 0
+    for h, m in zip(spins[0::2], spins[1::2]):
+        while j < len(work) and work[j].start_ns < h.start_ns:
+            j += 1
+        k = j
+        while k < len(work) and work[k].start_ns < m.start_ns:
+            k += 1
+        yield h, m, work[j:k]
+        j = k
