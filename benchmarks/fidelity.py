@@ -89,8 +89,11 @@ def say(msg: str) -> None:
 
 
 def spread(xs: list[float]) -> float | None:
+    """The product's spread (tools/stats.py) of the medians a harness produced; None below two."""
+    from kda.tools.stats import spread as of
+
     xs = [x for x in xs if x]
-    return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) >= 2 else None
+    return of(xs) if len(xs) >= 2 else None
 
 
 def guarded(name: str, fn: Callable[[], Any], skipped: dict[str, str]) -> Any:

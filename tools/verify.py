@@ -84,6 +84,17 @@ def _official(ws: Workspace, sol: dict[str, Any], workloads: list[dict[str, Any]
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _span(row: dict[str, Any]) -> Any:
+    """A workload row's candidate median and interval as device spans, without its run's launch
+    gap: a record made before the device's gap was measured (or with another figure) compares
+    like for like."""
+    from .stats import Interval  # numpy: loaded only when a verify runs
+
+    gap = row.get("launch_gap_us") or 0.0
+    lo, hi = row["candidate_ci_us"]
+    return Interval(row["candidate_us"] - gap, lo - gap, hi - gap)
+
+
 def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any]) -> dict[str, Any]:
     """Compare with the writer's latest benchmark of the same content hash on the same device."""
     runs = [r for r in ws.store.list_runs(kind="benchmark", candidate_hash=integrity["candidate_hash"], limit=50)
@@ -112,17 +123,13 @@ def _agreement(ws: Workspace, integrity: dict[str, Any], official: dict[str, Any
         status_ok = (ours["status"] == "PASSED") == (theirs["status"] == "PASSED")
         lat_ok, diff_pct = None, None
         if ours.get("candidate_ci_us") and theirs.get("candidate_ci_us"):
-            # Device spans, without each run's launch gap: a record made before the device's gap
-            # was measured (or with another figure) compares like for like.
-            ga, gb = ours.get("launch_gap_us") or 0.0, theirs.get("launch_gap_us") or 0.0
-            a, b = [x - ga for x in ours["candidate_ci_us"]], [x - gb for x in theirs["candidate_ci_us"]]
-            mine, writer = ours["candidate_us"] - ga, theirs["candidate_us"] - gb
+            mine, writer = _span(ours), _span(theirs)
             # Bootstrap intervals of a median are narrow; two separate runs also differ by
             # run-to-run drift, so medians within a small tolerance agree too (CPU timings of
             # Triton's interpreter drift far more than a GPU's).
             tol = 0.25 if integrity.get("device") == "cpu" else 0.05
-            diff_pct = 100.0 * abs(mine - writer) / writer
-            lat_ok = (a[0] <= b[1] and b[0] <= a[1]) or diff_pct <= 100.0 * tol  # the intervals overlap
+            diff_pct = 100.0 * abs(mine.value - writer.value) / writer.value
+            lat_ok = mine.overlaps(writer) or diff_pct <= 100.0 * tol
         off = official_by.get(ours["uuid"])
         off_ok = None if off is None else ((off["status"] == "PASSED") == (theirs["status"] == "PASSED"))
         agrees = status_ok and lat_ok is not False and off_ok is not False
