@@ -389,7 +389,10 @@ def compare_output(name: str, got: Any, ref: torch.Tensor, atol: float, rtol: fl
     exceeds = (abs_err > atol) & (rel_err > rtol)
     flat_abs = abs_err.flatten()
     # NaN/Inf masks (all False for integers, which have neither).
-    nan, inf = (torch.isnan(x), torch.isinf(x)) if got.dtype.is_floating_point else (x != x, x != x)
+    if got.dtype.is_floating_point:
+        nan, inf = torch.isnan(x), torch.isinf(x)
+    else:
+        nan = inf = torch.zeros_like(x, dtype=torch.bool)
     # Every figure in one transfer: each .item() of its own would wait for the device again.
     figures = [nan.sum(), inf.sum(), exceeds.sum(), flat_abs.argmax(), flat_abs.max(), rel_err.max()]
     n_nan, n_inf, n_bad, i_max, max_abs, max_rel = torch.stack([f.double() for f in figures]).tolist()

@@ -204,7 +204,6 @@ def test_diff_says_what_moved(summaries):
 
 def test_diff_matches_hotspots_of_two_candidates_by_file_name_and_line(summaries):
     """Sources of different candidates live in different folders; the same line is the same site."""
-
     k = summaries["cuda_bottlenecks"]["kernels"][0]
     assert len(k["hotspots"]) >= 2, "the fixture kernel has several source hotspots"
     a, b = copy.deepcopy(k), copy.deepcopy(k)

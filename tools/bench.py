@@ -12,10 +12,10 @@ inputs go to a file the trusted worker checks), then timing in blocks that alter
 candidate (B C C B ...), each iteration on freshly drawn inputs rotated over several buffers, L2
 flushed, device synchronized, the call timed by CUPTI device timestamps where torch has them (its
 span on every stream plus the device's launch gap, which Nsight Compute counts too; CUDA events
-otherwise, and always as a cross-check); the outputs of one timed iteration are checked
-after every candidate block. Medians with bootstrap intervals, speedups against the locked
-baseline, the physical floor, the interference check, the lock re-checked at the end. `phases_s` in the record says where the
-run's wall time went.
+otherwise, and always as a cross-check); the outputs of one timed iteration are checked after
+every candidate block. Medians with bootstrap intervals, speedups against the locked baseline,
+the physical floor, the interference check, the lock re-checked at the end. `phases_s` in the
+record says where the run's wall time went.
 """
 
 from __future__ import annotations
@@ -672,14 +672,15 @@ class BenchRun:
             base, cand = [x + gap for x in st.base], [x + gap for x in st.cand]
             b = stats.median_ci(base, seed=seed)
             c = stats.median_ci(cand, seed=seed + 7)
+            c_span = c.value - gap  # the work itself: what the floor and the no-work rule judge
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
                        candidate_ci_us=c.as_list())
-            if c.value - gap > 0:
+            if c_span > 0:
                 sp, reps = stats.speedup_ci(base, cand, seed=seed + 13)
                 out.update(speedup=sp.value, speedup_ci=sp.as_list())
             else:  # half the timed calls or more ran nothing on the device
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
-                        f"median device span {c.value - gap:.3f} us: the timed calls ran no device work, so the work "
+                        f"median device span {c_span:.3f} us: the timed calls ran no device work, so the work "
                         "was not done in them")
             if st.clean:
                 cl = stats.median_ci([x + gap for x in st.clean], seed=seed + 3)
@@ -716,7 +717,6 @@ class BenchRun:
                             f"{unaccounted - honest:.1f} us more than the baseline's {honest:.1f} us (event time "
                             f"{c.value:.2f} us): work was launched where the timer does not see it")
             med = c.value
-            span = med - gap  # the floor bounds the work itself, without the launch gap
             # A sleeping call idles (wall time without CPU time) again and again; one preempted call
             # on a busy machine does not count.
             idle = [w for w in st.cand_warmup if w["idle_ms"] > 20.0 and w["idle_ms"] > 0.8 * w["wall_ms"]
@@ -726,10 +726,11 @@ class BenchRun:
                 st.fail("TIMING_TAMPERED", "warmup_idle",
                         f"{len(idle)} warm-up call(s) idled (slept) up to {worst['idle_ms']:.0f} ms against a timed "
                         f"median of {med:.1f} us: timing-dependent behaviour")
-            if fl is not None and span < fl:
+            if fl is not None and c_span < fl:
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
-                        f"median device time {span:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes at the measured "
-                        f"copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have been done")
+                        f"median device time {c_span:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes "
+                        f"at the measured copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have "
+                        "been done")
         out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
                    notes=st.notes[:20], timed_checks=st.timed_checks,
                    samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand),
