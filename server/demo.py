@@ -12,14 +12,13 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import anyio
 from mcp import Client, StdioServerParameters
 
-from kda.tools.task import init_workspace, resolve_task
+from kda.tools.task import builtin_dataset, init_workspace, resolve_task
 
 EXAMPLES = ("triton_v1", "cached_cheat")
 
@@ -139,9 +138,9 @@ def run_demo(keep: Path | None = None) -> int:
     try:
         src = resolve_task("rmsnorm_h4096", None, None, None, None)
         init_workspace(ws, src)
-        examples = resources.files("kda.kernels").joinpath("examples", "rmsnorm_h4096")
+        examples = builtin_dataset() / "examples" / "rmsnorm_h4096"
         for name in EXAMPLES:
-            shutil.copytree(Path(str(examples.joinpath(name))), ws / "work" / name)
+            shutil.copytree(examples / name, ws / "work" / name)
         print(f"kda demo: workspace {ws} (task rmsnorm_h4096, {len(src.workloads)} workloads, baseline = reference)")
         print(f"          candidates: {', '.join('work/' + n for n in EXAMPLES)}\n")
         failures = anyio.run(_session, ws)

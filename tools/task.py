@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,10 @@ class TaskSource:
 
 
 def builtin_dataset() -> Path:
-    return Path(str(resources.files("kda.kernels")))
+    """The built-in tasks (`kernels/`, installed as kda/kernels beside kda/tools). Found by path,
+    not imported: the folder has no __init__.py, so on a path that starts at the repository root
+    it does not hide the PyPI package `kernels`, which transformers imports."""
+    return Path(__file__).resolve().parent.parent / "kernels"
 
 
 def builtin_tasks() -> list[str]:

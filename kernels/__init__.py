@@ -1,1 +1,0 @@
-"""Built-in tasks in FlashInfer Trace layout (data only)."""
