@@ -512,6 +512,10 @@ def test_rules_with_device_timestamps(workspace):
     # Calls that ran nothing on the device at all: no speedup, the floor says why.
     r = gpu._analyze(_state(small, [10.0] * 50, [0.0] * 50, events=[3.0] * 50), bw)
     assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "no device work" in r["evidence"] and "speedup" not in r
+    # Most calls empty, the rest on the device clock's 32 ns grid: the grouped median is above zero,
+    # the count still says the work was not done.
+    r = gpu._analyze(_state(small, [10.0] * 50, [0.0] * 30 + [2.176, 2.208] * 10, events=[3.0] * 50), bw)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "30 of 50 timed calls ran no device work" in r["evidence"]
     # A call that ran nothing on the device is noted.
     st = _state(small, [10.0] * 50, [2.0] * 50, events=[3.0] * 50)
     st.empty_calls = 3

@@ -75,3 +75,41 @@ def test_errors_and_spread():
     assert math.isclose(stats.median([3.0, 1.0, 2.0]), 2.0)
     iv = stats.Interval(1.0, 0.9, 1.1)
     assert iv.overlaps(stats.Interval(1.05, 1.0, 1.2)) and not iv.overlaps(stats.Interval(2, 1.5, 2.5))
+
+
+def test_samples_on_a_timer_grid_get_the_grouped_median():
+    import statistics
+
+    rng = np.random.default_rng(5)
+    tick = 0.032  # device timestamps on Hopper
+    true = 3.137
+    # Spans of a ~3 us kernel as the device clock reports them: a few ticks, many ties.
+    spans = list(np.round((true + 0.02 * rng.standard_normal(400)) / tick) * tick + 0.977)
+    assert stats.grid_us(spans) == pytest.approx(tick)
+    m = stats.median(spans)
+    assert m == pytest.approx(statistics.median_grouped(spans, tick))
+    assert m != pytest.approx(float(np.median(spans)))  # the plain median sits on a tick
+    assert abs(m - (true + 0.977)) < tick / 4
+    ci = stats.median_ci(spans)
+    assert ci.lo <= m <= ci.hi and ci.hi - ci.lo < tick
+    # Resamples of gridded data: counts drawn over its values, medians grouped the same way.
+    reps = stats.bootstrap_medians(spans, n_boot=300, seed=1)
+    assert reps.shape == (300,) and abs(float(np.median(reps)) - m) < tick / 4
+
+
+def test_grouped_median_varies_less_between_runs_than_the_plain_one():
+    tick, true = 0.032, 2.192  # the true median halfway between two ticks
+    plain, grouped = [], []
+    for s in range(20):
+        rng = np.random.default_rng(100 + s)
+        xs = list(np.round((true + 0.03 * rng.standard_normal(300)) / tick) * tick)
+        plain.append(float(np.median(xs)))
+        grouped.append(stats.median(xs))
+    assert stats.spread(grouped) < stats.spread(plain) / 2
+
+
+def test_samples_off_any_grid_keep_the_plain_median():
+    xs = _samples(10.0, 101, 9)
+    assert stats.grid_us(xs) == 0.0
+    assert stats.median(xs) == float(np.median(xs))
+    assert stats.grid_us([2.5, 2.5, 2.5]) == 0.0 and stats.median([2.5, 2.5, 2.5]) == 2.5
