@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rmsnorm-workloads", default=None, help="default: all (sample:4 with --quick)")
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
                     help="which to run, comma-separated")
+    ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload (their median is the reference)")
     ap.add_argument("--mode", default="quick", choices=["quick", "full"])
     ap.add_argument("--quick-target-ms", type=float, default=None,
                     help="experiment: timed wall time per block in quick mode (the product's setting otherwise)")
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["fib_isolated"] = guarded(f"{task}/fib_isolated",
                                                   lambda: fib(ws, wls, a.fib_isolated_repeats, isolated=True), skipped)
                 if "ncu" in want:
-                    res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0]), skipped)
+                    res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0], a.ncu_reps), skipped)
                 if "ncu_nocache" in want:
                     res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
                                                  lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)

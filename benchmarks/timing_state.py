@@ -14,6 +14,10 @@ benchmark tests measure:
    for 2 ms (as between Nsight Compute's serialized launches) with no hold before it.
 3. checks: the results file (save, load) and compare_output of one large output, each part
    synchronized, alone and beside a second process keeping the GPU busy.
+4. gap: the launch gap as the trusted worker measures it (200 probe frames), again and again in
+   one process between RMSNorm blocks, and once in each of a few fresh processes, beside the gap
+   before the RMSNorm kernel itself in those blocks. Says whether one measurement per device
+   stands for every later run and every kernel.
 
 Prints a table per part and writes JSON.
 """
@@ -139,6 +143,42 @@ def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
     return rows
 
 
+GAP_PROBE = """
+import json, torch
+from kda.sandbox import device_trace as DT
+from kda.sandbox.bench_worker import _probe_frames
+dev = torch.device("cuda")
+hold, tr = DT.SpinHold(dev), DT.Tracer()
+print(json.dumps(DT.middle_mean(DT.Tracer.launch_gaps_us(_probe_frames(tr, hold, dev, 200))[1:])))
+"""
+
+
+def gap(b: Bench, wls: list[dict], rounds: int, fresh: int) -> dict:
+    from kda.sandbox.bench_worker import _probe_frames
+
+    DT = b.DT
+    rows = []
+    sets = {id(wl): b.sets(wl, 3) for wl in wls}
+    for r in range(rounds):
+        row: dict[str, Any] = {"probe_gap_us": DT.middle_mean(DT.Tracer.launch_gaps_us(
+            _probe_frames(b.tracer, b.hold, b.dev, 200))[1:])}
+        for wl in wls:
+            spans = b.block(wl, sets[id(wl)], 100)
+            row[f"b{wl['axes']['batch_size']}"] = {"span_us": DT.middle_mean(spans),
+                                                  "kernel_gap_us": DT.middle_mean(b.last_gaps[1:])}
+        rows.append(row)
+        say(f"  gap round {r + 1}: probe {row['probe_gap_us']:.3f} us; " + "; ".join(
+            f"{k} gap {v['kernel_gap_us']:.3f} span {v['span_us']:.3f}" for k, v in row.items() if k != "probe_gap_us"))
+    procs = []
+    for _ in range(fresh):
+        res = subprocess.run([sys.executable, "-c", GAP_PROBE], capture_output=True, text=True, timeout=120)
+        procs.append(float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else res.stderr[-300:])
+    say(f"  probe gap in fresh processes: {procs}")
+    probes = [r["probe_gap_us"] for r in rows]
+    say(f"  probe gap in one process: {min(probes):.3f}-{max(probes):.3f} us")
+    return {"rounds": rows, "fresh_processes": procs}
+
+
 BUSY = """
 import torch, time
 x = torch.randn(8192, 8192, device="cuda")
@@ -209,7 +249,9 @@ def main() -> int:
     ap.add_argument("--sets", type=int, default=12)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--iters", type=int, default=60)
-    ap.add_argument("--parts", default="placement,cache,checks", help="which parts to run, comma-separated")
+    ap.add_argument("--parts", default="placement,cache,checks,gap", help="which parts to run, comma-separated")
+    ap.add_argument("--gap-rounds", type=int, default=10)
+    ap.add_argument("--gap-fresh", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -237,6 +279,9 @@ def main() -> int:
     if "checks" in parts:
         say("== correctness check costs (ms, median of 3)")
         checks_part(b, by_b, out)
+    if "gap" in parts:
+        say("== launch gap: probe frames against the kernel's own")
+        out["gap"] = gap(b, [by_b[k] for k in (7, 14509) if k in by_b], a.gap_rounds, a.gap_fresh)
     out["env"]["clocks_end"] = smi()
     p = Path(a.out) / f"timing-state-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
