@@ -5,8 +5,8 @@ of values and the plain median jumps a whole tick (1-2 %) between runs of the sa
 that all lie on a nanosecond grid get the grouped median instead (`statistics.median_grouped`:
 each sample spread evenly over its tick), which moves by fractions of a tick; other samples get
 the plain median. Percentile bootstrap with a fixed seed, so a stored run's intervals can be
-recomputed exactly from its samples. A speedup is baseline median / candidate median; its interval resamples the
-two samples independently. Aggregates (arithmetic mean of per-workload speedups, the contest's
+recomputed exactly from its samples. A speedup is baseline median / candidate median; its
+interval resamples the two samples independently. Aggregates (arithmetic mean of per-workload speedups, the contest's
 rule, and the geometric mean) combine the per-workload bootstrap replicates index by index.
 """
 
@@ -62,6 +62,13 @@ def _grouped(values: np.ndarray, counts: np.ndarray, n: int, tick: float) -> np.
     return values[i] - tick / 2 + tick * (n / 2 - below) / f
 
 
+def _ticks(a: np.ndarray, tick: float) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of gridded samples (as multiples of the tick, so float noise cannot
+    split one value in two) and how often each occurs."""
+    steps, counts = np.unique(np.rint((a - a.min()) / tick).astype(np.int64), return_counts=True)
+    return a.min() + steps * tick, counts
+
+
 def median(xs: Sequence[float]) -> float:
     """The grouped median of samples on a grid (see the module's docstring), else the median."""
     a = np.asarray(xs, dtype=float)
@@ -70,7 +77,7 @@ def median(xs: Sequence[float]) -> float:
     tick = grid_us(a)
     if tick == 0.0:
         return float(np.median(a))
-    values, counts = np.unique(a, return_counts=True)
+    values, counts = _ticks(a, tick)
     return float(_grouped(values, counts, a.size, tick))
 
 
@@ -84,7 +91,7 @@ def bootstrap_medians(xs: Sequence[float], n_boot: int = N_BOOT, seed: int = 0) 
         idx = _rng(seed).integers(0, a.size, size=(n_boot, a.size))
         return np.median(a[idx], axis=1)
     # A resample of gridded data is a draw of counts over its distinct values.
-    values, counts = np.unique(a, return_counts=True)
+    values, counts = _ticks(a, tick)
     draws = _rng(seed).multinomial(a.size, counts / a.size, size=n_boot)
     return _grouped(values, draws, a.size, tick)
 
