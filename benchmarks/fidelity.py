@@ -290,6 +290,16 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str
     return {"median_us": {k: [statistics.median(v)] for k, v in per.items()}, "raw_us": per}
 
 
+def ncu_repeated(ws: Any, wls: list[dict], kernel: str, reps: int, repeats: int) -> dict[str, Any]:
+    """`ncu` run `repeats` times (each a fresh profiled process): per workload the median of each
+    run, so Nsight Compute's own run-to-run spread is reported beside ours. The reference is the
+    median of those medians."""
+    runs = [ncu(ws, wls, kernel, reps) for _ in range(repeats)]
+    per = {w["uuid"]: [r["median_us"][w["uuid"]][0] for r in runs] for w in wls}
+    return {"median_us": {u: [statistics.median(v)] for u, v in per.items()}, "run_medians_us": per,
+            "raw_us": [r["raw_us"] for r in runs]}
+
+
 # --- report -------------------------------------------------------------------------------------
 NCU_VARIANTS = {"ncu_nocache": "without the cache flush (`--cache-control none`)",
                 "ncu_held": "with its cache flush, each launch queued behind a spin kernel (GPU busy before it)"}
@@ -303,6 +313,9 @@ def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, An
         row: dict[str, Any] = {"task": task, "uuid": u, "axes": w["axes"]}
         ref = ncu_m.get(u, [None])[0]
         row["ncu_us"] = ref
+        ncu_runs = ((res.get("ncu") or {}).get("run_medians_us") or {}).get(u)
+        if ncu_runs and len(ncu_runs) > 1:
+            row["ncu_spread"] = spread(ncu_runs)
         for variant in NCU_VARIANTS:
             nc = ((res.get(variant) or {}).get("median_us") or {}).get(u)
             if nc:
@@ -334,7 +347,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     head = ["task", "axes", "ncu us"] + [f"{h} us / spread / vs ncu" for h in hs]
     say(" | ".join(head))
     for r in rows:
-        cells = [r["task"], ",".join(f"{k}={v}" for k, v in r["axes"].items()), fmt(r.get("ncu_us"))]
+        ncu_sp = f" ({100 * r['ncu_spread']:.1f}%)" if r.get("ncu_spread") is not None else ""
+        cells = [r["task"], ",".join(f"{k}={v}" for k, v in r["axes"].items()), fmt(r.get("ncu_us")) + ncu_sp]
         for h in hs:
             sp = r.get(f"{h}_spread")
             cells.append(f"{fmt(r.get(f'{h}_us'))} / {fmt(sp, True).lstrip('+') if sp is not None else '-'} / "
@@ -405,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
                     help="which to run, comma-separated")
     ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload (their median is the reference)")
+    ap.add_argument("--ncu-repeats", type=int, default=1,
+                    help="ncu runs; above 1 the table gives ncu's own spread and the reference is their median")
     ap.add_argument("--mode", default="quick", choices=["quick", "full"])
     ap.add_argument("--quick-target-ms", type=float, default=None,
                     help="experiment: timed wall time per block in quick mode (the product's setting otherwise)")
@@ -485,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                     res["fib_isolated"] = guarded(f"{task}/fib_isolated",
                                                   lambda: fib(ws, wls, a.fib_isolated_repeats, isolated=True), skipped)
                 if "ncu" in want:
-                    res["ncu"] = guarded(f"{task}/ncu", lambda: ncu(ws, wls, KERNELS[task][0], a.ncu_reps), skipped)
+                    res["ncu"] = guarded(f"{task}/ncu", lambda: ncu_repeated(ws, wls, KERNELS[task][0], a.ncu_reps,
+                                                                                a.ncu_repeats), skipped)
                 if "ncu_nocache" in want:
                     res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
                                                  lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)
@@ -500,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             details[task] = {k: (res.get("ours") or {}).get(k)
                              for k in ("median_us", "phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode",
                                        "launch_gap_us")}
+            details[task]["ncu"] = res.get("ncu")
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):
