@@ -146,14 +146,15 @@ def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
 GAP_PROBE = """
 import json, sys, torch
 from kda.sandbox import device_trace as DT
-from kda.sandbox.bench_worker import _probe_frames
+from kda.sandbox.bench_worker import probe_launch_gap_us
 dev = torch.device("cuda")
 hold, tr = DT.SpinHold(dev), DT.Tracer()
-gap = lambda: DT.middle_mean(DT.Tracer.launch_gaps_us(_probe_frames(tr, hold, dev, 200))[1:])
+gap = lambda: probe_launch_gap_us(tr, hold, dev)
 first = gap()
-x = torch.empty(1 << 28, device=dev)  # 1 GiB of copies first, as the trusted worker's calibration does
+a = torch.ones(1 << 28, device=dev)  # 1 GiB copies first, as the trusted worker's calibration makes
+b = torch.empty_like(a)
 for _ in range(10):
-    x.copy_(x.flip(0))
+    b.copy_(a)
 torch.cuda.synchronize()
 # the worker module sends fd 1 to stderr (its protocol owns stdout): the figures go to stderr
 print("GAPS " + json.dumps([first, gap(), gap()]), file=sys.stderr)
@@ -161,14 +162,13 @@ print("GAPS " + json.dumps([first, gap(), gap()]), file=sys.stderr)
 
 
 def gap(b: Bench, wls: list[dict], rounds: int, fresh: int) -> dict:
-    from kda.sandbox.bench_worker import _probe_frames
+    from kda.sandbox.bench_worker import probe_launch_gap_us
 
     DT = b.DT
     rows = []
     sets = {id(wl): b.sets(wl, 3) for wl in wls}
     for r in range(rounds):
-        row: dict[str, Any] = {"probe_gap_us": DT.middle_mean(DT.Tracer.launch_gaps_us(
-            _probe_frames(b.tracer, b.hold, b.dev, 200))[1:])}
+        row: dict[str, Any] = {"probe_gap_us": probe_launch_gap_us(b.tracer, b.hold, b.dev)}
         for wl in wls:
             # A hold far longer than Triton's host-side launch, so the kernel waits queued behind
             # it: its gap is then the device's, as the probe's is.

@@ -301,13 +301,11 @@ class Worker:
         holder, mode = self._triton_holder()
         return None, holder, f"{mode}; {why}"
 
-    def _launch_gap(self, frames: int = 200) -> float:
-        """The device's launch gap (see `Tracer.launch_gaps_us`), from `frames` frames of a hold and
-        a one-element add queued behind it. The orchestrator adds it to every span, once per call,
-        so a latency is the time the call occupies the device in a stream, as Nsight Compute counts
-        a kernel. Events need no such term: their frame already carries more than that."""
-        acts = _probe_frames(self.tracer, self.holder, self.device, frames)
-        return DT.middle_mean(DT.Tracer.launch_gaps_us(acts)[1:])  # the first frame wakes the clocks
+    def _launch_gap(self) -> float:
+        """The device's launch gap (`probe_launch_gap_us`). The orchestrator adds it to every span,
+        once per call, so a latency is the time the call occupies the device in a stream, as Nsight
+        Compute counts a kernel. Events need no such term: their frame already carries more than that."""
+        return probe_launch_gap_us(self.tracer, self.holder, self.device)
 
     def _triton_holder(self):
         """The all-SM hold kernel, if it compiles and holds as long as asked; else time without it."""
@@ -764,6 +762,12 @@ def _probe_frames(tracer: DT.Tracer, hold: DT.SpinHold, device: torch.device, fr
         return tracer.stop()
     finally:
         tracer.abandon()  # after a failure; a no-op once stopped
+
+
+def probe_launch_gap_us(tracer: DT.Tracer, hold: DT.SpinHold, device: torch.device, frames: int = 200) -> float:
+    """The device's launch gap (see `Tracer.launch_gaps_us`): the middle mean over `frames` frames
+    of a hold and a one-element add queued behind it, the first frame left out (it wakes the clocks)."""
+    return DT.middle_mean(DT.Tracer.launch_gaps_us(_probe_frames(tracer, hold, device, frames))[1:])
 
 
 def _is_fatal(e: BaseException) -> bool:

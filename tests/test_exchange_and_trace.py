@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,6 +151,40 @@ def test_the_launch_gap_runs_from_each_hold_to_its_first_queued_work():
         (SPIN, 32_000, 35_000, 7), (SPIN, 36_000, 36_100, 7),  # a frame with no work has no gap
         (SPIN, 40_000, 60_000, 7), ("k1", 61_250, 62_000, 7), (SPIN, 70_000, 70_100, 7))
     assert DT.Tracer.launch_gaps_us(acts) == [pytest.approx(1.0), pytest.approx(1.25)]
+
+
+PROBE_WITH_A_FAKE_DEVICE = """
+import sys, torch
+from kda.sandbox import bench_worker as W, device_trace as DT
+SPIN = {spin!r}
+GAPS = [5.0, 1.0, 1.25, 1.5, 1.25, 9.0]  # us: the first frame (cold clocks) and a tail
+class Hold:
+    def __call__(self, us): pass
+    def mark(self): pass
+class Tracer:
+    def start(self): pass
+    def abandon(self): pass
+    def stop(self):
+        acts, t = [], 0
+        for g in GAPS:
+            acts += [DT.Activity(SPIN, t, t + 20_000, 7), DT.Activity("add", t + 20_000 + int(g * 1e3), t + 22_000 + int(g * 1e3), 7),
+                     DT.Activity(SPIN, t + 40_000, t + 40_100, 7)]
+            t += 50_000
+        return acts
+W._cuda_sync = lambda: None  # no device here: the frames come from the fake tracer
+print("GAP", W.probe_launch_gap_us(Tracer(), Hold(), torch.device("cpu"), frames=len(GAPS)), file=sys.stderr)
+"""
+
+
+def test_the_launch_gap_probe_leaves_out_the_first_frame_and_the_tails():
+    # In a subprocess: importing the worker module hands its stdout to the worker protocol.
+    res = subprocess.run([sys.executable, "-c", PROBE_WITH_A_FAKE_DEVICE.format(spin=SPIN)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    gap = float(next(ln for ln in res.stderr.splitlines() if ln.startswith("GAP "))[4:])
+    gaps = [1.0, 1.25, 1.5, 1.25, 9.0]  # the frames after the first
+    assert gap == pytest.approx(DT.middle_mean(gaps))
+    assert 1.0 <= gap <= 1.5  # the cold first frame (5 us) and the slow tail (9 us) stay out
 
 
 def test_middle_mean_ignores_the_tails_and_moves_between_grid_steps():
