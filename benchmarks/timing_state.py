@@ -70,7 +70,7 @@ class Bench:
         return [(H.make_inputs(self.d, wl, 1000 + i, self.dev), H.alloc_outputs(self.d, wl, self.dev)) for i in range(n)]
 
     def block(self, wl: dict, sets: list[tuple[list, list]], iters: int, flush: bool = True,
-              before: Any = None, idle_s: float = 0.0, hold_us: float = 40.0) -> list[float]:
+              before: Any = None, idle_s: float = 0.0, hold_us: float = 40.0, event: bool = False) -> list[float]:
         """Device spans (us) of `iters` calls cycling over `sets`, as the bench worker times them."""
         torch, H = self.torch, self.H
         self.tracer.start()
@@ -85,6 +85,8 @@ class Bench:
             if idle_s:  # the GPU idles before the launch, as between Nsight Compute's launches
                 time.sleep(idle_s)
             self.hold(1.0 if idle_s else hold_us)
+            if event:  # as the bench worker's frame does: a start event between the hold and the call
+                torch.cuda.Event(enable_timing=True).record()
             self.fn(*ins, *outs)
             torch.cuda.synchronize()
             self.hold.mark()
@@ -173,11 +175,14 @@ def gap(b: Bench, wls: list[dict], rounds: int, fresh: int) -> dict:
             # A hold far longer than Triton's host-side launch, so the kernel waits queued behind
             # it: its gap is then the device's, as the probe's is.
             spans = b.block(wl, sets[id(wl)], 100, hold_us=300.0)
-            row[f"b{wl['axes']['batch_size']}"] = {"span_us": DT.middle_mean(spans),
-                                                  "kernel_gap_us": DT.middle_mean(b.last_gaps[1:])}
+            cell = {"span_us": DT.middle_mean(spans), "kernel_gap_us": DT.middle_mean(b.last_gaps[1:])}
+            b.block(wl, sets[id(wl)], 100, hold_us=300.0, event=True)
+            cell["kernel_gap_after_event_us"] = DT.middle_mean(b.last_gaps[1:])
+            row[f"b{wl['axes']['batch_size']}"] = cell
         rows.append(row)
         say(f"  gap round {r + 1}: probe {row['probe_gap_us']:.3f} us; " + "; ".join(
-            f"{k} gap {v['kernel_gap_us']:.3f} span {v['span_us']:.3f}" for k, v in row.items() if k != "probe_gap_us"))
+            f"{k} gap {v['kernel_gap_us']:.3f} (after an event {v['kernel_gap_after_event_us']:.3f}) "
+            f"span {v['span_us']:.3f}" for k, v in row.items() if k != "probe_gap_us"))
     procs = []
     for _ in range(fresh):
         res = subprocess.run([sys.executable, "-c", GAP_PROBE], capture_output=True, text=True, timeout=120)
