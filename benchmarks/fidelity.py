@@ -245,10 +245,14 @@ ws = Workspace.open({ws!r})
 fn = H.load_entry(ws.work_dir / "triton", "kernel.py::run", "ncu_driver")
 d = ws.definition()
 wls = json.loads(open({wls!r}).read())
+flush = H.L2Flusher(torch.device("cuda"))
 for w in wls:
     inputs = H.make_inputs(d, w, 99, torch.device("cuda"))
     outputs = H.alloc_outputs(d, w, torch.device("cuda"))
     for _ in range({reps}):
+        if {l2flush}:  # our harness's L2 flush, as its timed frame runs it (not profiled)
+            flush()
+            torch.cuda.synchronize()
         if {hold}:  # a spin kernel before the launch keeps the GPU busy and its clock up
             torch.cuda._sleep(2_000_000)
         fn(*inputs, *outputs)
@@ -257,11 +261,12 @@ for w in wls:
 
 
 def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str = "all",
-        hold: bool = False) -> dict[str, Any]:
+        hold: bool = False, l2flush: bool = False) -> dict[str, Any]:
     """Nsight Compute's gpu__time_duration at the clocks the GPU runs at (no clock locking).
     cache_control "all" (ncu's default) flushes every cache before each launch; "none" leaves them.
     hold: each launch is queued behind a ~1 ms spin kernel (not profiled), so the GPU is busy, not
-    idle, just before it, as in our harness."""
+    idle, just before it, as in our harness. l2flush: our harness's L2 flush before each launch
+    (with cache_control "none": what ncu counts beyond our span under our cache state)."""
     from kda.tools.profile import find_ncu
 
     exe = find_ncu()
@@ -270,7 +275,8 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str
     tmp = Path(tempfile.mkdtemp(prefix="fid-ncu-"))
     (tmp / "wls.json").write_text(json.dumps(wls))
     drv = tmp / "driver.py"
-    drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps, hold=hold))
+    drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps, hold=hold,
+                                     l2flush=l2flush))
     cmd = [exe, "--clock-control", "none", "--cache-control", cache_control, "--metrics", "gpu__time_duration.sum", "--csv", "--kernel-name",
            f"regex:{kernel}", sys.executable, str(drv)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -302,7 +308,8 @@ def ncu_repeated(ws: Any, wls: list[dict], kernel: str, reps: int, repeats: int)
 
 # --- report -------------------------------------------------------------------------------------
 NCU_VARIANTS = {"ncu_nocache": "without the cache flush (`--cache-control none`)",
-                "ncu_held": "with its cache flush, each launch queued behind a spin kernel (GPU busy before it)"}
+                "ncu_held": "with its cache flush, each launch queued behind a spin kernel (GPU busy before it)",
+                "ncu_l2flush": "without its cache flush, after our L2 flush (our harness's cache state)"}
 
 
 def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -417,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gemm-workloads", default="sample:4")
     ap.add_argument("--rmsnorm-workloads", default=None, help="default: all (sample:4 with --quick)")
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
-                    help="which to run, comma-separated")
+                    help="which to run, comma-separated; ncu variants: ncu_nocache, ncu_held, ncu_l2flush")
     ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload (their median is the reference)")
     ap.add_argument("--ncu-repeats", type=int, default=1,
                     help="ncu runs; above 1 the table gives ncu's own spread and the reference is their median")
@@ -506,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "ncu_nocache" in want:
                     res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
                                                  lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)
+                if "ncu_l2flush" in want:
+                    res["ncu_l2flush"] = guarded(f"{task}/ncu_l2flush",
+                                                 lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none",
+                                                             l2flush=True), skipped)
                 if "ncu_held" in want:
                     res["ncu_held"] = guarded(f"{task}/ncu_held",
                                               lambda: ncu(ws, wls, KERNELS[task][0], hold=True), skipped)
