@@ -245,7 +245,7 @@ ws = Workspace.open({ws!r})
 fn = H.load_entry(ws.work_dir / "triton", "kernel.py::run", "ncu_driver")
 d = ws.definition()
 wls = json.loads(open({wls!r}).read())
-flush = H.L2Flusher(torch.device("cuda"))
+flush = H.L2Flusher(torch.device("cuda")) if {l2flush} else None
 for w in wls:
     inputs = H.make_inputs(d, w, 99, torch.device("cuda"))
     outputs = H.alloc_outputs(d, w, torch.device("cuda"))
@@ -307,9 +307,14 @@ def ncu_repeated(ws: Any, wls: list[dict], kernel: str, reps: int, repeats: int)
 
 
 # --- report -------------------------------------------------------------------------------------
-NCU_VARIANTS = {"ncu_nocache": "without the cache flush (`--cache-control none`)",
-                "ncu_held": "with its cache flush, each launch queued behind a spin kernel (GPU busy before it)",
-                "ncu_l2flush": "without its cache flush, after our L2 flush (our harness's cache state)"}
+# name: (what it is, the `ncu` arguments that make it)
+NCU_VARIANT_RUNS = {
+    "ncu_nocache": ("without the cache flush (`--cache-control none`)", {"cache_control": "none"}),
+    "ncu_held": ("with its cache flush, each launch queued behind a spin kernel (GPU busy before it)", {"hold": True}),
+    "ncu_l2flush": ("without its cache flush, after our L2 flush (our harness's cache state)",
+                    {"cache_control": "none", "l2flush": True}),
+}
+NCU_VARIANTS = {name: what for name, (what, _) in NCU_VARIANT_RUNS.items()}
 
 
 def report(task: str, wls: list[dict], res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gemm-workloads", default="sample:4")
     ap.add_argument("--rmsnorm-workloads", default=None, help="default: all (sample:4 with --quick)")
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
-                    help="which to run, comma-separated; ncu variants: ncu_nocache, ncu_held, ncu_l2flush")
+                    help="which to run, comma-separated; ncu variants: " + ", ".join(NCU_VARIANTS))
     ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload (their median is the reference)")
     ap.add_argument("--ncu-repeats", type=int, default=1,
                     help="ncu runs; above 1 the table gives ncu's own spread and the reference is their median")
@@ -510,16 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "ncu" in want:
                     res["ncu"] = guarded(f"{task}/ncu", lambda: ncu_repeated(ws, wls, KERNELS[task][0], a.ncu_reps,
                                                                                 a.ncu_repeats), skipped)
-                if "ncu_nocache" in want:
-                    res["ncu_nocache"] = guarded(f"{task}/ncu_nocache",
-                                                 lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none"), skipped)
-                if "ncu_l2flush" in want:
-                    res["ncu_l2flush"] = guarded(f"{task}/ncu_l2flush",
-                                                 lambda: ncu(ws, wls, KERNELS[task][0], cache_control="none",
-                                                             l2flush=True), skipped)
-                if "ncu_held" in want:
-                    res["ncu_held"] = guarded(f"{task}/ncu_held",
-                                              lambda: ncu(ws, wls, KERNELS[task][0], hold=True), skipped)
+                for variant, (_, kw) in NCU_VARIANT_RUNS.items():
+                    if variant in want:
+                        res[variant] = guarded(f"{task}/{variant}",
+                                               lambda kw=kw: ncu(ws, wls, KERNELS[task][0], **kw), skipped)
             else:
                 skipped[f"{task}/do_bench, flashinfer-bench, ncu"] = "no CUDA GPU"
             walls[task] = {h: (res.get(h) or {}).get("wall_s") for h in ("ours", "fib_persistent", "fib_isolated")}
