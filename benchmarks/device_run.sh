@@ -33,8 +33,7 @@ for step in $STEPS; do
   echo "=== $step"
   case $step in
     gputests) timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
-    benchtests) timeout ${BENCHTESTS_TIMEOUT:-330} python3 -m pytest -q -rf -p no:cacheprovider tests/test_bench.py tests/adversarial 2>&1 | tee "$OUT/bench_tests.log" | tail -30 ;;
-    adversarial) timeout ${ADVERSARIAL_TIMEOUT:-240} python3 -m pytest -q -rf -p no:cacheprovider tests/adversarial 2>&1 | tee "$OUT/adversarial_tests.log" | tail -20 ;;
+    benchtests) timeout ${BENCHTESTS_TIMEOUT:-330} python3 -m pytest -q -rf -p no:cacheprovider ${BENCHTESTS_FILES:-tests/test_bench.py tests/adversarial} 2>&1 | tee "$OUT/bench_tests.log" | tail -30 ;;
     attacks) timeout 240 python3 -m pytest -q -vv -p no:cacheprovider tests/test_bench_gpu.py tests/adversarial tests/test_exchange_and_trace.py -k "${ATTACKS:-torch_fallback or gpu_attack or rmsnorm_on_all}" 2>&1 | tee "$OUT/attack_tests.log" | tail -15 ;;
     alltests) timeout 500 python3 -m pytest -q -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/all_tests.log" | tail -40 ;;
     fidelity) timeout ${FIDELITY_TIMEOUT:-420} python3 benchmarks/fidelity.py --out "$OUT" $FIDELITY_ARGS 2>&1 | tee "$OUT/fidelity.log" | tail -40 ;;
