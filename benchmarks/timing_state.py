@@ -10,8 +10,10 @@ benchmark tests measure:
    per set and per pass medians. A set-to-set spread well above the pass-to-pass spread of one
    set says the run-to-run shifts come from where the buffers lie, so more input sets help.
 2. cache: small workloads with the L2 flushed (the harness), not flushed, flushed after a
-   different large kernel ran (instruction caches disturbed), and launched after the GPU idled
-   for 2 ms (as between Nsight Compute's serialized launches) with no hold before it.
+   large matmul, after 600 KB of straight-line code ran on every SM (instruction caches
+   emptied of the timed kernel's code), after reads from 8192 other 2 MiB pages (address
+   translation caches), and launched after the GPU idled for 2 ms (as between Nsight Compute's
+   serialized launches) with no hold before it.
 3. checks: the results file (save, load) and compare_output of one large output, each part
    synchronized, alone and beside a second process keeping the GPU busy.
 4. gap: the launch gap as the trusted worker measures it (200 probe frames), again and again in
@@ -127,9 +129,39 @@ def placement(b: Bench, wls: list[dict], n_sets: int, passes: int, iters: int) -
     return rows
 
 
+def code_evictor(torch: Any, dev: Any) -> Any:
+    """A callable that runs 600 KB of straight-line machine code once on every SM: no kernel's
+    code stays in an SM's instruction caches after it (they hold tens of KB), as after Nsight
+    Compute's `--cache-control all`. A large matmul, tried earlier, runs a loop of a few KB."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def straight_line(x_ptr, N: tl.constexpr):
+        pid = tl.program_id(0)
+        x = tl.load(x_ptr + pid).to(tl.uint32)
+        for i in tl.static_range(N):  # unrolled: N distinct steps the compiler cannot fold
+            x = (x ^ (x >> 7)) + (i * 2654435761 % 4294967291)
+        tl.store(x_ptr + pid, x.to(tl.int32))
+
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    buf = torch.zeros(4 * sms, dtype=torch.int32, device=dev)
+    return lambda: straight_line[(4 * sms,)](buf, N=4000, num_warps=1)
+
+
+def tlb_evictor(torch: Any, dev: Any, gib: int = 16) -> Any:
+    """A callable that reads one word in each 2 MiB page of a `gib` GiB buffer: the GPU's address
+    translation caches then hold other pages than the timed kernel's."""
+    pages = torch.zeros(gib * 512, 2 ** 19, dtype=torch.int32, device=dev)
+    acc = torch.zeros((), dtype=torch.int64, device=dev)
+    return lambda: torch.sum(pages[:, 0], out=acc)
+
+
 def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
     torch = b.torch
     big = torch.randn(4096, 4096, device=b.dev, dtype=torch.bfloat16)
+    evict_code, evict_tlb = code_evictor(torch, b.dev), tlb_evictor(torch, b.dev)
+    evict_code()  # compile outside the timed blocks
     rows = []
     for wl in wls:
         sets = b.sets(wl, 3)
@@ -137,6 +169,9 @@ def cache(b: Bench, wls: list[dict], iters: int) -> list[dict]:
         res = {"axes": wl["axes"]}
         for name, kw in (("l2_flush", {}), ("no_flush", {"flush": False}),
                          ("matmul_then_flush", {"before": lambda: torch.mm(big, big)}),
+                         ("code_evict_then_flush", {"before": evict_code}),
+                         ("tlb_evict_then_flush", {"before": evict_tlb}),
+                         ("code_and_tlb_evict_then_flush", {"before": lambda: (evict_code(), evict_tlb())}),
                          ("idle_2ms_then_launch", {"idle_s": 0.002})):
             res[name] = statistics.median(b.block(wl, sets, iters, **kw))
             res[name + "_launch_gap"] = statistics.median(b.last_gaps)
