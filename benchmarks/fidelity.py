@@ -250,7 +250,7 @@ for w in wls:
     inputs = H.make_inputs(d, w, 99, torch.device("cuda"))
     outputs = H.alloc_outputs(d, w, torch.device("cuda"))
     for _ in range({reps}):
-        if {l2flush}:  # our harness's L2 flush, as its timed frame runs it (not profiled)
+        if flush is not None:  # our harness's L2 flush, as its timed frame runs it (not profiled)
             flush()
             torch.cuda.synchronize()
         if {hold}:  # a spin kernel before the launch keeps the GPU busy and its clock up
@@ -260,7 +260,7 @@ for w in wls:
 '''
 
 
-def ncu(ws: Any, wls: list[dict], kernel: str, reps: int = 5, cache_control: str = "all",
+def ncu(ws: Any, wls: list[dict], kernel: str, reps: int, cache_control: str = "all",
         hold: bool = False, l2flush: bool = False) -> dict[str, Any]:
     """Nsight Compute's gpu__time_duration at the clocks the GPU runs at (no clock locking).
     cache_control "all" (ncu's default) flushes every cache before each launch; "none" leaves them.
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rmsnorm-workloads", default=None, help="default: all (sample:4 with --quick)")
     ap.add_argument("--harnesses", default="ours,do_bench,fib_persistent,fib_isolated,ncu",
                     help="which to run, comma-separated; ncu variants: " + ", ".join(NCU_VARIANTS))
-    ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload (their median is the reference)")
+    ap.add_argument("--ncu-reps", type=int, default=9, help="profiled launches per workload, for ncu and each variant (their median is its figure)")
     ap.add_argument("--ncu-repeats", type=int, default=1,
                     help="ncu runs; above 1 the table gives ncu's own spread and the reference is their median")
     ap.add_argument("--mode", default="quick", choices=["quick", "full"])
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, (_, kw) in NCU_VARIANT_RUNS.items():
                     if variant in want:
                         res[variant] = guarded(f"{task}/{variant}",
-                                               lambda kw=kw: ncu(ws, wls, KERNELS[task][0], **kw), skipped)
+                                               lambda kw=kw: ncu(ws, wls, KERNELS[task][0], a.ncu_reps, **kw), skipped)
             else:
                 skipped[f"{task}/do_bench, flashinfer-bench, ncu"] = "no CUDA GPU"
             walls[task] = {h: (res.get(h) or {}).get("wall_s") for h in ("ours", "fib_persistent", "fib_isolated")}
@@ -527,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
             details[task] = {k: (res.get("ours") or {}).get(k)
                              for k in ("median_us", "phases_s", "worker_ops_s", "startup_s", "spare_wait_s", "timing_mode",
                                        "launch_gap_us")}
-            details[task]["ncu"] = res.get("ncu")
+            for name in ("ncu", *NCU_VARIANTS):  # every profiled launch, not only the medians in the rows
+                if res.get(name):
+                    details[task][name] = res[name]
             rows = report(task, wls, res)
             all_rows += rows
             for h in ("ours", "fib_persistent", "fib_isolated"):
