@@ -39,6 +39,7 @@ for step in $STEPS; do
     fidelity) timeout ${FIDELITY_TIMEOUT:-420} python3 benchmarks/fidelity.py --out "$OUT" $FIDELITY_ARGS 2>&1 | tee "$OUT/fidelity.log" | tail -40 ;;
     profile) timeout 240 python3 benchmarks/profile.py --repeats 3 --device-repeats 3 2>&1 | tee "$OUT/profile.log" | tail -30 ;;
     timing_state) timeout ${TIMING_STATE_TIMEOUT:-300} python3 benchmarks/timing_state.py --out "$OUT" --dataset "$PWD/.shared/fixtures/flashinfer-trace" $TIMING_STATE_ARGS 2>&1 | tee "$OUT/timing_state.log" | tail -30 ;;
+    ncu_residue) timeout ${NCU_RESIDUE_TIMEOUT:-300} python3 benchmarks/ncu_residue.py --out "$OUT" --dataset "$PWD/.shared/fixtures/flashinfer-trace" ${NCU_RESIDUE_ARGS:-} 2>&1 | tee "$OUT/ncu_residue.log" | tail -30 ;;
     compile) timeout 120 python3 benchmarks/compile.py --out "$OUT/compile.json" 2>&1 | tee "$OUT/compile.log" | tail -20 ;;
   esac
 done
