@@ -11,7 +11,7 @@ explained at most a third of that. This splits the residue two ways, in one run:
   (one load and one store: the first access's path through translation and L2), and the Triton
   RMSNorm at batch 7 and 170;
 - by what runs before each profiled launch, under `--cache-control none`:
-  `none` nothing; `l2` our L2 flush (the harness); `l2_free` a 2 MiB allocation freed back to the
+  `none` nothing; `l2` our L2 flush (the harness); `l2_free` a 32 MiB allocation freed back to the
   driver first (unmapping makes the driver invalidate the GPU's address translations, if it does
   so for the whole address space and not the range alone); `l2_code` 600 KB of straight-line code
   on every SM first; `l2_code_free` both. `ncu_all` is ncu's own flush, run first and last.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime as dt
 import io
 import json
@@ -81,16 +82,20 @@ class Probe:
             ins, outs = H.make_inputs(d, by_b[b], 99, dev), H.alloc_outputs(d, by_b[b], dev)
             self.kernels[f"rmsnorm_b{b}"] = lambda ins=ins, outs=outs: rms(*ins, *outs)
         self.flush = H.L2Flusher(dev)
+        self.libcuda = ctypes.CDLL("libcuda.so.1")  # torch's primary context is current on this thread
         self.evict_code = code_evictor(torch, dev)
         for f in (*self.kernels.values(), self.evict_code, self.flush):  # compile before any timing
             f()
         torch.cuda.synchronize()
 
     def free_mapping(self) -> None:
-        """A fresh 2 MiB allocation handed back to the driver (cudaMalloc, cudaFree)."""
-        t = self.torch.empty(2 << 20, dtype=self.torch.uint8, device=self.dev)
-        del t
-        self.torch.cuda.empty_cache()
+        """32 MiB allocated from the driver and freed again (cuMemAlloc, cuMemFree: torch's
+        allocator would keep it), so the driver unmaps it on the GPU."""
+        ptr = ctypes.c_uint64()
+        for call, args in (("cuMemAlloc_v2", (ctypes.byref(ptr), ctypes.c_size_t(32 << 20))), ("cuMemFree_v2", (ptr,))):
+            rc = getattr(self.libcuda, call)(*args)
+            if rc:
+                raise RuntimeError(f"{call} returned CUDA error {rc}")
 
     def prepare(self, state: str) -> None:
         if "code" in state:
