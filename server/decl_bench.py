@@ -51,6 +51,9 @@ class WorkloadResult(BaseModel):
     speedup: Optional[float] = None
     speedup_ci: Optional[list[float]] = None
     clean_baseline_us: Optional[float] = None
+    clean_after_baseline_us: Optional[float] = Field(
+        None, description="Only where the baseline ran markedly slower beside the candidate than alone: "
+                          "timed alone again after the candidate's worker stopped (slow again: drift).")
     floor_us: Optional[float] = None
     max_abs: Optional[float] = None
     max_rel: Optional[float] = None

@@ -569,6 +569,63 @@ def test_verify_compares_spans_with_a_writer_record_of_another_launch_gap(worksp
     assert _agreement(workspace, integrity, {"ran": False})["agrees"] is False
 
 
+def test_a_baseline_slow_alone_again_is_drift_not_interference(workspace):
+    """Slower beside the candidate than alone before it: interference only if the baseline is fast
+    again alone once the candidate's worker has stopped; slow alone too, the machine slowed down."""
+    small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)
+    gpu = _analyzer(workspace, "cuda")
+    gpu.launch_gap_us = 1.0
+    bw = {"bytes_per_s": 3.0e12}
+    slow = [10.0 + 0.01 * i for i in range(100)]
+    fast = [5.0 + 0.01 * i for i in range(100)]
+
+    def judged(after):
+        st = _state(small, slow, [4.0] * 100, clean=fast)
+        st.clean_after = list(after)
+        return gpu._analyze(st, bw)
+
+    r = judged([9.8 + 0.01 * i for i in range(100)])  # as slow alone as beside it: drift
+    assert r["status"] == "PASSED" and r["speedup"] > 2, r
+    assert r["clean_after_baseline_us"] == pytest.approx(11.295, abs=0.01)
+    assert any("the machine slowed down" in n and "1.91x" in n for n in r["notes"]), r["notes"]
+    assert len(r["samples"]["clean_after"]) == 100
+    r = judged([6.0 + 0.01 * i for i in range(101)])  # fast again once the candidate is gone: it was the candidate
+    assert r["status"] == "TIMING_TAMPERED" and r["check"] == "interference"
+    assert "alone again after its worker stopped (6.50 us)" in r["evidence"] and "speedup" not in r
+    # Without a second measurement (the candidate's worker never stopped), the first one decides.
+    assert judged([])["status"] == "TIMING_TAMPERED"
+
+
+@pytest.mark.anyio
+async def test_a_suspected_slowdown_times_the_baseline_alone_again_without_the_candidate(workspace, monkeypatch):
+    """The orchestration behind the rule above, on real workers: when the baseline looks slowed,
+    the candidate's worker is stopped before the baseline is timed alone again, and the run's
+    record keeps both figures."""
+    seen = []
+    real_alone = bench.BenchRun._time_baseline_alone
+
+    def spy(self, st, s, tag):
+        seen.append((tag, self.cand.proc.poll() is not None))
+        return real_alone(self, st, s, tag)
+
+    monkeypatch.setattr(bench.BenchRun, "_time_baseline_alone", spy)
+    monkeypatch.setattr(bench.BenchRun, "_suspects", lambda self: [st for st in self.states if st.status == "PASSED"])
+    path = _install(workspace, DATA / "torch_rmsnorm", "v1")
+    async with mcp_client(workspace, "writer") as client:
+        out = await _bench(client, path=path, workloads=[BATCH1, BATCH2])
+        # Timed alone before the candidate's worker ran anything, and again after it was gone.
+        assert [t for t, _ in seen] == ["clean", "clean", "clean_after", "clean_after"], seen
+        assert all(gone for t, gone in seen if t == "clean_after"), seen
+        assert out["status"] == "PASSED", out["workloads"]
+        for w in out["workloads"]:
+            assert w["clean_after_baseline_us"] > 0 and w["clean_baseline_us"] > 0, w
+        record = workspace.store.get_run(out["run_id"])["record"]
+        assert record["phases_s"]["baseline_alone_again"] > 0
+        # The server still serves, with fresh workers.
+        again = await _bench(client, path=path, workloads=[BATCH1])
+        assert again["status"] == "PASSED"
+
+
 def test_rules_floor_interference_side_stream_and_sleep(workspace):
     big = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 8192)
     small = next(w for w in workspace.workloads() if w["axes"]["batch_size"] == 1)

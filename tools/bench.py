@@ -14,8 +14,10 @@ flushed, device synchronized, the call timed by CUPTI device timestamps where to
 span on every stream plus the device's launch gap, which Nsight Compute counts too; CUDA events
 otherwise, and always as a cross-check); the outputs of one timed iteration are checked after
 every candidate block. Medians with bootstrap intervals, speedups against the locked baseline,
-the physical floor, the interference check, the lock re-checked at the end. `phases_s` in the
-record says where the run's wall time went.
+the physical floor, the interference check (a baseline markedly slower beside the candidate than
+alone is timed alone once more with the candidate's worker stopped: interference only if it is
+fast again), the lock re-checked at the end. `phases_s` in the record says where the run's wall
+time went.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ class WorkloadState:
     notes: list[str] = field(default_factory=list)
     correctness: dict[str, Any] = field(default_factory=dict)
     clean: list[float] = field(default_factory=list)
+    clean_after: list[float] = field(default_factory=list)  # alone again, the candidate's worker gone
     base: list[float] = field(default_factory=list)
     cand: list[float] = field(default_factory=list)
     cand_host: list[float] = field(default_factory=list)
@@ -428,18 +431,10 @@ class BenchRun:
             self.notes.append("the device's launch gap could not be measured "
                               f"({bw.get('launch_gap_error', 'no figure')}): latencies are device spans alone")
         # Phase 1: the baseline alone, before any candidate code is loaded anywhere.
-        for i, st in enumerate(self.states):
+        for st in self.states:
             self.cancel.check()
-            key = st.wl["uuid"]
             with self.phase("baseline_alone"):
-                self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=st.sets)
-                # Half a block: enough for the interference check's interval.
-                r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup,
-                                         min_iters=max(5, s.min_iters // 2), max_iters=s.max_iters,
-                                         target_s=s.target_s / 2, max_s=max(10 * s.target_s, 5.0),
-                                         seed=self.seed(key, "clean"))
-                st.clean = r["lat_us"]
-                self.trusted.request("release", 60, key=key)
+                st.clean = self._time_baseline_alone(st, s, "clean")
         self.progress(0, total, f"baseline timed alone on {total} workload(s); loading the candidate")
         # Phase 2: the candidate. Correctness on every workload first (the trusted worker checks
         # one workload while the candidate's runs the next one's trials), then timing.
@@ -457,9 +452,39 @@ class BenchRun:
                     self._timing(st, s)
                 self.progress(i + 1, total, f"{st.wl['uuid'][:8]} {self._axes(st.wl)}: {st.status}"
                               + (f" ({st.evidence[:120]})" if st.status != "PASSED" else ""))
+            suspects = self._suspects()
+            if suspects:
+                with self.phase("baseline_alone_again"):
+                    self._recheck_alone(suspects, s)
         with self.phase("gpu_snapshot"):
             env_end = gpu_snapshot(lease)
         return self._finish(lease, t_env, c_env, env_start, env_end, bw)
+
+    def _time_baseline_alone(self, st: WorkloadState, s: Settings, tag: str) -> list[float]:
+        """The baseline timed by itself in the trusted worker: half a block, enough for the
+        interference check's interval."""
+        assert self.trusted is not None
+        key = st.wl["uuid"]
+        self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=st.sets)
+        r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup,
+                                 min_iters=max(5, s.min_iters // 2), max_iters=s.max_iters,
+                                 target_s=s.target_s / 2, max_s=max(10 * s.target_s, 5.0),
+                                 seed=self.seed(key, tag))
+        self.trusted.request("release", 60, key=key)
+        return r["lat_us"]
+
+    def _recheck_alone(self, suspects: list[WorkloadState], s: Settings) -> None:
+        """The baseline ran markedly slower beside the candidate than alone before it. Interference,
+        or did the machine slow down (a baseline paced by the host's launches follows the CPU's
+        clock)? The candidate's worker is stopped (its process, its GPU context and any work it
+        left behind go with it) and the baseline is timed alone again: slow alone too is drift."""
+        if self.cand is not None:
+            self.cand.close()
+        self.progress(0, len(self.states), f"the baseline ran slower beside the candidate on {len(suspects)} "
+                      "workload(s): timing it alone again with the candidate's worker stopped")
+        for st in suspects:
+            self.cancel.check()
+            st.clean_after = self._time_baseline_alone(st, s, "clean_after")
 
     def _try_load(self) -> WorkerFailure | None:
         try:
@@ -655,6 +680,35 @@ class BenchRun:
                             pass  # the failure that matters is already recorded
 
     # -- results
+    def _slowdown(self, b: Any, alone: list[float], seed: int) -> tuple[float, float] | None:
+        """(baseline span beside the candidate, span alone) when the baseline ran markedly slower
+        beside the candidate than in the `alone` samples: past the policy's ratio, with the
+        intervals apart. `b` is the baseline's median interval, launch gap included. Judged on the
+        spans: the gap added to both would dilute a slowdown of small kernels."""
+        from . import stats
+
+        if not alone:
+            return None
+        gap = self.launch_gap_us
+        a = stats.median_ci([x + gap for x in alone], seed=seed)
+        ratio_limit = (self.pol.benchmark.interference_ratio if self.device != "cpu"
+                       else self.pol.benchmark.cpu_interference_ratio)
+        b_span, a_span = b.value - gap, a.value - gap
+        return (b_span, a_span) if b_span > ratio_limit * a_span and b.lo > a.hi else None
+
+    def _suspects(self) -> list[WorkloadState]:
+        """Workloads whose baseline ran markedly slower beside the candidate than alone before it."""
+        from . import stats
+
+        out = []
+        for st in self.states:
+            if st.status == "PASSED" and st.base and st.clean:
+                seed = int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
+                b = stats.median_ci([x + self.launch_gap_us for x in st.base], seed=seed)
+                if self._slowdown(b, st.clean, seed + 3):
+                    out.append(st)
+        return out
+
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
         from . import stats
 
@@ -687,15 +741,23 @@ class BenchRun:
             if st.clean:
                 cl = stats.median_ci([x + gap for x in st.clean], seed=seed + 3)
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
-                ratio_limit = (self.pol.benchmark.interference_ratio if self.device != "cpu"
-                               else self.pol.benchmark.cpu_interference_ratio)
-                # Judged on the spans: the gap added to both would dilute a slowdown of small kernels.
-                b_span, cl_span = b.value - gap, cl.value - gap
-                if b_span > ratio_limit * cl_span and b.lo > cl.hi:
+                slow = self._slowdown(b, st.clean, seed + 3)
+                after = self._slowdown(b, st.clean_after, seed + 5) if st.clean_after else None
+                if st.clean_after:
+                    ca = stats.median_ci([x + gap for x in st.clean_after], seed=seed + 5)
+                    out.update(clean_after_baseline_us=ca.value, clean_after_baseline_ci_us=ca.as_list())
+                if slow and (after or not st.clean_after):
                     st.fail("TIMING_TAMPERED", "interference",
-                            f"the baseline ran {b_span / cl_span:.2f}x slower beside the candidate (device span "
-                            f"{b_span:.2f} us) than alone before it was loaded ({cl_span:.2f} us): interference, "
-                            "not a speedup")
+                            f"the baseline ran {slow[0] / slow[1]:.2f}x slower beside the candidate (device span "
+                            f"{slow[0]:.2f} us) than alone before it was loaded ({slow[1]:.2f} us)"
+                            + (f" and alone again after its worker stopped ({after[1]:.2f} us)" if after else "")
+                            + ": interference, not a speedup")
+                elif slow:
+                    st.notes.append(
+                        f"the baseline ran {slow[0] / slow[1]:.2f}x slower beside the candidate (device span "
+                        f"{slow[0]:.2f} us) than alone before it was loaded ({slow[1]:.2f} us), and as slow "
+                        f"alone after the candidate's worker stopped ({ca.value - gap:.2f} us): the machine "
+                        "slowed down, not the candidate; baseline and candidate took turns through it")
             if self.device != "cpu" and st.cand_traced and st.cand_ev:
                 self._stream_checks(st, out)
             elif self.device != "cpu" and st.cand_host:
@@ -736,7 +798,8 @@ class BenchRun:
         out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
                    notes=st.notes[:20], timed_checks=st.timed_checks,
                    samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand),
-                            "candidate_events": _r(st.cand_ev), "candidate_hold_covered": st.cand_covered})
+                            "candidate_events": _r(st.cand_ev), "candidate_hold_covered": st.cand_covered,
+                            **({"clean_after": _r(st.clean_after)} if st.clean_after else {})})
         if st.status != "PASSED":
             for k in ("speedup", "speedup_ci"):
                 out.pop(k, None)
