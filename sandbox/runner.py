@@ -368,12 +368,17 @@ def _rss(pids: list[int]) -> int:
     return total
 
 
-def kill_tree(proc: subprocess.Popen, *, wait: bool = True) -> None:
+def kill_tree(proc: subprocess.Popen, *, wait: bool = True, exit_wait_s: float = 0.0) -> bool:
     """SIGKILL the job's process group and every descendant (collected before killing, since
     killed parents orphan their children). Inside bubblewrap, killing the outer bwrap also
-    tears down the job's pid namespace (--die-with-parent)."""
+    tears down the job's pid namespace (--die-with-parent). With `exit_wait_s`, then wait up to
+    that long until every process seen in the tree has exited, not merely been signalled (a killed
+    process still holds its GPU context, and the work queued on it, until its exit releases
+    them). Returns whether all of them had exited (True when not asked to wait for them)."""
+    seen: set[int] = {proc.pid}
     for _ in range(3):
         pids = _descendants(proc.pid)
+        seen.update(pids)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -393,6 +398,24 @@ def kill_tree(proc: subprocess.Popen, *, wait: bool = True) -> None:
     watch = getattr(proc, "_kda_watch", None)
     if watch is not None:
         watch.stop.set()
+    if not exit_wait_s:
+        return True
+    deadline = time.monotonic() + exit_wait_s
+    while any(not _exited(pid) for pid in seen):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie: its exit (and the release of its files and device contexts) is done."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
 
 
 class _Watchdog(threading.Thread):

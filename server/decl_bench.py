@@ -53,7 +53,8 @@ class WorkloadResult(BaseModel):
     clean_baseline_us: Optional[float] = None
     clean_after_baseline_us: Optional[float] = Field(
         None, description="Only where the baseline ran markedly slower beside the candidate than alone: "
-                          "timed alone again after the candidate's worker stopped (slow again: drift).")
+                          "timed alone again after the candidate's processes exited (demonstrably slow "
+                          "again: drift, not interference).")
     floor_us: Optional[float] = None
     max_abs: Optional[float] = None
     max_rel: Optional[float] = None

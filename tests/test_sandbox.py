@@ -176,6 +176,35 @@ def test_spawn_talks_over_pipes_and_is_killed(job_dir):
     assert proc.returncode is not None
 
 
+def test_kill_tree_can_wait_until_every_process_has_exited(job_dir, monkeypatch):
+    """Signalled is not exited: a killed process holds its files (and GPU context) until its exit is
+    done. Asked to, kill_tree waits for the whole tree and says whether it is gone."""
+    import subprocess
+    import time
+
+    proc = spawn(py("""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(60)
+        print("forked", flush=True)
+        time.sleep(60)
+    """, job_dir), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "forked"
+    deadline = time.monotonic() + 10
+    while not runner._descendants(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the forked child (and, under bubblewrap, the sandbox's own processes)
+    tree = [proc.pid, *runner._descendants(proc.pid)]
+    assert len(tree) >= 2
+    assert kill_tree(proc, exit_wait_s=10) is True
+    assert all(runner._exited(p) for p in tree)
+    # One that never exits (as a process stuck in the kernel): the wait ends, and says so.
+    proc = spawn(py("import time; time.sleep(60)", job_dir))
+    monkeypatch.setattr(runner, "_exited", lambda pid: False)
+    t0 = time.monotonic()
+    assert kill_tree(proc, exit_wait_s=0.2) is False
+    assert time.monotonic() - t0 < 5
+
+
 def test_without_bubblewrap_runs_rlimits_only_or_refuses(job_dir, monkeypatch):
     monkeypatch.setattr(runner, "isolation_available", lambda: False)
     r = run_job(py("print('plain')", job_dir))

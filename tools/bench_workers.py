@@ -182,17 +182,19 @@ class WorkerClient:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
+    def kill(self, exit_wait_s: float = 0.0) -> bool:
         from kda.sandbox.runner import kill_tree
 
         # Also when the worker itself is gone: what it forked may still run in its process group.
-        kill_tree(self.proc)
+        return kill_tree(self.proc, exit_wait_s=exit_wait_s)
 
-    def close(self) -> None:
+    def close(self, exit_wait_s: float = 0.0) -> bool:
         """Kill it: a worker has nothing to save, and a clean interpreter exit (CUDA context and
-        profiler teardown) would cost the run most of a second."""
-        self.kill()
+        profiler teardown) would cost the run most of a second. With `exit_wait_s`, wait until
+        every process of its tree has exited; returns whether they all had."""
+        gone = self.kill(exit_wait_s)
         self._unhook()
+        return gone
 
 
 # --- jobs ----------------------------------------------------------------------------------------
