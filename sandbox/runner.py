@@ -375,9 +375,12 @@ def kill_tree(proc: subprocess.Popen, *, wait: bool = True, exit_wait_s: float =
     that long until every process seen in the tree has exited, not merely been signalled (a killed
     process still holds its GPU context, and the work queued on it, until its exit releases
     them). Returns whether all of them had exited (True when not asked to wait for them)."""
-    seen: set[int] = {proc.pid}
+    # Once reaped, its pid may belong to an unrelated process: neither waited for nor searched
+    # (its own children were reparented when it died). Its process group is still signalled.
+    reaped = proc.returncode is not None
+    seen: set[int] = set() if reaped else {proc.pid}
     for _ in range(3):
-        pids = _descendants(proc.pid)
+        pids = [] if reaped else _descendants(proc.pid)
         seen.update(pids)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -393,6 +396,7 @@ def kill_tree(proc: subprocess.Popen, *, wait: bool = True, exit_wait_s: float =
     if wait:
         try:
             proc.wait(timeout=10)
+            seen.discard(proc.pid)  # reaped: its pid is free for others
         except subprocess.TimeoutExpired:  # pragma: no cover - an unkillable (D-state) process
             pass
     watch = getattr(proc, "_kda_watch", None)
@@ -409,13 +413,15 @@ def kill_tree(proc: subprocess.Popen, *, wait: bool = True, exit_wait_s: float =
 
 
 def _exited(pid: int) -> bool:
-    """Gone, or a zombie: its exit (and the release of its files and device contexts) is done."""
+    """Gone, or a zombie with no thread left exiting: its exit (and the release of its files and
+    device contexts) is done."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return True
-    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[0] in (b"Z", b"X") and int(rest[17]) <= 1  # state; num_threads (field 20)
 
 
 class _Watchdog(threading.Thread):

@@ -182,23 +182,26 @@ def test_kill_tree_can_wait_until_every_process_has_exited(job_dir, monkeypatch)
     import subprocess
     import time
 
-    proc = spawn(py("""
-        import os, time
-        if os.fork() == 0:
+    def forked_job():
+        proc = spawn(py("""
+            import os, time
+            if os.fork() == 0:
+                time.sleep(60)
+            print("forked", flush=True)
             time.sleep(60)
-        print("forked", flush=True)
-        time.sleep(60)
-    """, job_dir), stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "forked"
-    deadline = time.monotonic() + 10
-    while not runner._descendants(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the forked child (and, under bubblewrap, the sandbox's own processes)
-    tree = [proc.pid, *runner._descendants(proc.pid)]
+        """, job_dir), stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "forked"
+        deadline = time.monotonic() + 10
+        while not runner._descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the forked child (and, under bubblewrap, the sandbox's own processes)
+        return proc, [proc.pid, *runner._descendants(proc.pid)]
+
+    proc, tree = forked_job()
     assert len(tree) >= 2
     assert kill_tree(proc, exit_wait_s=10) is True
     assert all(runner._exited(p) for p in tree)
     # One that never exits (as a process stuck in the kernel): the wait ends, and says so.
-    proc = spawn(py("import time; time.sleep(60)", job_dir))
+    proc, _ = forked_job()
     monkeypatch.setattr(runner, "_exited", lambda pid: False)
     t0 = time.monotonic()
     assert kill_tree(proc, exit_wait_s=0.2) is False

@@ -465,16 +465,15 @@ class BenchRun:
             env_end = gpu_snapshot(lease)
         return self._finish(lease, t_env, c_env, env_start, env_end, bw)
 
-    def _time_baseline_alone(self, st: WorkloadState, s: Settings, tag: str, full_block: bool = False) -> list[float]:
-        """The baseline timed by itself in the trusted worker: half a block (enough for the
-        interference check's interval) or, for the second look, a full one."""
+    def _time_baseline_alone(self, st: WorkloadState, s: Settings, tag: str) -> list[float]:
+        """The baseline timed by itself in the trusted worker: half a block, enough for the
+        interference check's interval."""
         assert self.trusted is not None
         key = st.wl["uuid"]
-        share = 1 if full_block else 2
         self.trusted.request("prepare", 120, key=key, workload=st.wl, slots=st.sets)
         r = self.trusted.request("time", self._time_timeout(), key=key, warmup=s.warmup,
-                                 min_iters=max(5, s.min_iters // share), max_iters=s.max_iters,
-                                 target_s=s.target_s / share, max_s=max(10 * s.target_s, 5.0),
+                                 min_iters=max(5, s.min_iters // 2), max_iters=s.max_iters,
+                                 target_s=s.target_s / 2, max_s=max(10 * s.target_s, 5.0),
                                  seed=self.seed(key, tag))
         self.trusted.request("release", 60, key=key)
         return r["lat_us"]
@@ -483,27 +482,29 @@ class BenchRun:
         """The baseline ran markedly slower beside the candidate than alone before it. Interference,
         or did the machine slow down (a baseline paced by the host's launches follows the CPU)? The
         candidate's worker is killed and every process of it has exited (with them its GPU context
-        and the work queued on it), then the baseline is timed alone again, a full block. Only
+        and the work queued on it), then the baseline is timed alone again, as the first time. Only
         under bubblewrap, whose pid namespace leaves no process of the candidate behind; without it
         a double-forked process could outlive the worker and slow this measurement too."""
         if self.isolation != "bubblewrap":
             self.notes.append("the baseline ran slower beside the candidate than alone; not timed alone again, "
                               "since without bubblewrap the candidate's processes may outlive its worker")
             return
+        self.progress(total, total, f"the baseline ran slower beside the candidate on {len(suspects)} "
+                      "workload(s): timing it alone again once the candidate's worker is gone")
         if self.cand is not None and not self.cand.close(exit_wait_s=EXIT_WAIT_S):
             self.notes.append(f"the candidate's processes had not all exited {EXIT_WAIT_S:.0f} s after they were "
                               "killed: the baseline was not timed alone again")
             return
+        self.cancel.check()
         time.sleep(SETTLE_S)
-        self.progress(total, total, f"the baseline ran slower beside the candidate on {len(suspects)} "
-                      "workload(s): timing it alone again, the candidate's worker gone")
         for st in suspects:
             self.cancel.check()
             try:
-                st.clean_after = self._time_baseline_alone(st, s, "clean_after", full_block=True)
-            except WorkerFailure as e:  # the first judgement stands
+                st.clean_after = self._time_baseline_alone(st, s, "clean_after")
+            except WorkerFailure as e:  # that workload's first judgement stands
                 self.notes.append(f"the baseline could not be timed alone again: {e.evidence[:200]}")
-                return
+                if self.trusted is None or not self.trusted.alive():
+                    return
 
     def _try_load(self) -> WorkerFailure | None:
         try:
@@ -772,12 +773,12 @@ class BenchRun:
                     # before (intervals apart), and beside the candidate within the policy's ratio of
                     # that. Anything less clear stays interference.
                     if ca.lo > cl.hi and slow[0] <= self._ratio_limit() * ca_span:
-                        st.notes.append(
+                        st.notes.insert(0, (
                             f"the baseline ran {slow[0] / slow[1]:.2f}x slower beside the candidate (device span "
                             f"{slow[0]:.2f} us) than alone before it was loaded ({slow[1]:.2f} us), and alone "
                             f"again once the candidate's worker had exited it ran {ca_span:.2f} us "
                             f"({ca_span / slow[1]:.2f}x its first figure): the machine slowed down during the run; "
-                            "the speedup is the interleaved one, both sides measured through it")
+                            "the speedup is the interleaved one, both sides measured through it"))
                         slow = None
                     else:
                         slow = (*slow, ca_span)

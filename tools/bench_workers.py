@@ -48,6 +48,7 @@ class WorkerClient:
         self.replies: "queue.Queue[dict | None]" = queue.Queue()
         self.err_tail = bytearray()
         self.next_id = 1
+        self._closed = False
         self.alerts: list[dict] = []
         self.notes: list[str] = []
         self.op_s: dict[str, float] = {}  # time spent inside the worker, by op (where a run's time goes)
@@ -192,6 +193,9 @@ class WorkerClient:
         """Kill it: a worker has nothing to save, and a clean interpreter exit (CUDA context and
         profiler teardown) would cost the run most of a second. With `exit_wait_s`, wait until
         every process of its tree has exited; returns whether they all had."""
+        if self._closed:
+            return True
+        self._closed = True
         gone = self.kill(exit_wait_s)
         self._unhook()
         return gone
