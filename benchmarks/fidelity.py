@@ -260,6 +260,29 @@ for w in wls:
 '''
 
 
+def ncu_durations_us(argv: list[str], kernel_regex: str, cache_control: str = "all",
+                     timeout: float = 1800) -> tuple[list[float], str]:
+    """Runs `argv` under Nsight Compute at the clocks the GPU runs at (no clock locking) and returns
+    the gpu__time_duration of every profiled launch, in microseconds and launch order, with the
+    tail of what ncu printed (for errors)."""
+    from kda.tools.profile import find_ncu
+
+    exe = find_ncu()
+    if not exe:
+        raise RuntimeError("Nsight Compute (ncu) not found on PATH, /usr/local/cuda/bin or /opt/nvidia")
+    cmd = [exe, "--clock-control", "none", "--cache-control", cache_control, "--metrics", "gpu__time_duration.sum",
+           "--csv", "--kernel-name", f"regex:{kernel_regex}", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    rows = [r for r in csv.DictReader(io.StringIO("\n".join(
+        line for line in res.stdout.splitlines() if line.startswith('"'))))
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    out = []
+    for r in rows:
+        unit, v = r.get("Metric Unit", "nsecond"), float(r["Metric Value"].replace(",", ""))
+        out.append(v / 1e3 if unit.startswith("n") else v if unit.startswith("u") else v * 1e3)
+    return out, res.stderr[-800:] + res.stdout[-800:]
+
+
 def ncu(ws: Any, wls: list[dict], kernel: str, reps: int, cache_control: str = "all",
         hold: bool = False, l2flush: bool = False) -> dict[str, Any]:
     """Nsight Compute's gpu__time_duration at the clocks the GPU runs at (no clock locking).
@@ -267,29 +290,16 @@ def ncu(ws: Any, wls: list[dict], kernel: str, reps: int, cache_control: str = "
     hold: each launch is queued behind a ~1 ms spin kernel (not profiled), so the GPU is busy, not
     idle, just before it, as in our harness. l2flush: our harness's L2 flush before each launch
     (with cache_control "none": what ncu counts beyond our span under our cache state)."""
-    from kda.tools.profile import find_ncu
-
-    exe = find_ncu()
-    if not exe:
-        raise RuntimeError("Nsight Compute (ncu) not found on PATH, /usr/local/cuda/bin or /opt/nvidia")
     tmp = Path(tempfile.mkdtemp(prefix="fid-ncu-"))
     (tmp / "wls.json").write_text(json.dumps(wls))
     drv = tmp / "driver.py"
     drv.write_text(NCU_DRIVER.format(repo=str(REPO), ws=str(ws.root), wls=str(tmp / "wls.json"), reps=reps, hold=hold,
                                      l2flush=l2flush))
-    cmd = [exe, "--clock-control", "none", "--cache-control", cache_control, "--metrics", "gpu__time_duration.sum", "--csv", "--kernel-name",
-           f"regex:{kernel}", sys.executable, str(drv)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    rows = [r for r in csv.DictReader(io.StringIO("\n".join(
-        line for line in res.stdout.splitlines() if line.startswith('"'))))
-            if r.get("Metric Name") == "gpu__time_duration.sum"]
-    if len(rows) < len(wls) * reps:
-        raise RuntimeError(f"ncu reported {len(rows)} launches, expected {len(wls) * reps}: {res.stderr[-800:]}")
+    durs, said = ncu_durations_us([sys.executable, str(drv)], kernel, cache_control)
+    if len(durs) < len(wls) * reps:
+        raise RuntimeError(f"ncu reported {len(durs)} launches, expected {len(wls) * reps}: {said}")
     per: dict[str, list[float]] = {}
-    for i, r in enumerate(rows[: len(wls) * reps]):
-        unit = r.get("Metric Unit", "nsecond")
-        v = float(r["Metric Value"].replace(",", ""))
-        us = v / 1e3 if unit.startswith("n") else v if unit.startswith("u") else v * 1e3
+    for i, us in enumerate(durs[: len(wls) * reps]):
         per.setdefault(wls[i // reps]["uuid"], []).append(us)
     shutil.rmtree(tmp, ignore_errors=True)
     # The first launch of each workload may include a cold instruction cache; take the median.

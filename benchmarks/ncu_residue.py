@@ -24,10 +24,8 @@ in this process, so the harness's reading of each state is beside ncu's. Prints 
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import datetime as dt
-import io
 import json
 import os
 import statistics
@@ -44,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KERNEL_DIR = REPO / "tests" / "data_bench" / "triton_rmsnorm"
 STATES = ("none", "l2", "l2_free", "l2_code", "l2_code_free")
 NCU_ORDER = ("ncu_all", "l2", "l2_free", "l2_code", "l2_code_free", "none", "ncu_all")
-KERNEL_REGEX = "regex:kda_probe|_rmsnorm_row"
+KERNEL_REGEX = "kda_probe|_rmsnorm_row"
 
 
 @triton.jit
@@ -118,27 +116,17 @@ def driver(dataset: Path, state: str, reps: int) -> None:
 
 
 def ncu(dataset: Path, state: str, reps: int, names: list[str]) -> dict[str, list[float]]:
-    from kda.tools.profile import find_ncu
+    from fidelity import ncu_durations_us
 
-    exe = find_ncu()
-    if not exe:
-        raise RuntimeError("Nsight Compute (ncu) not found")
-    cache = "all" if state == "ncu_all" else "none"
     drv_state = "none" if state == "ncu_all" else state
-    cmd = [exe, "--clock-control", "none", "--cache-control", cache, "--metrics", "gpu__time_duration.sum", "--csv",
-           "--kernel-name", KERNEL_REGEX, sys.executable, __file__, "--dataset", str(dataset),
-           "--driver", drv_state, "--reps", str(reps)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    rows = [r for r in csv.DictReader(io.StringIO("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith('"'))))
-            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    durs, said = ncu_durations_us([sys.executable, __file__, "--dataset", str(dataset), "--driver", drv_state,
+                                   "--reps", str(reps)], KERNEL_REGEX, "all" if state == "ncu_all" else "none", 600)
     # The first launch of each kernel is Probe's compile call, before the profiled reps.
-    if len(rows) != (reps + 1) * len(names):
-        raise RuntimeError(f"ncu ({state}) reported {len(rows)} launches, expected {(reps + 1) * len(names)}: "
-                           f"{res.stderr[-800:]}{res.stdout[-800:]}")
+    if len(durs) != (reps + 1) * len(names):
+        raise RuntimeError(f"ncu ({state}) reported {len(durs)} launches, expected {(reps + 1) * len(names)}: {said}")
     out: dict[str, list[float]] = {}
-    for i, r in enumerate(rows[len(names):]):
-        unit, v = r.get("Metric Unit", "nsecond"), float(r["Metric Value"].replace(",", ""))
-        out.setdefault(names[i // reps], []).append(v / 1e3 if unit.startswith("n") else v if unit.startswith("u") else v * 1e3)
+    for i, us in enumerate(durs[len(names):]):
+        out.setdefault(names[i // reps], []).append(us)
     return out
 
 
