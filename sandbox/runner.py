@@ -347,14 +347,20 @@ def _descendants(root: int) -> list[int]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (the first is field 3, the state),
+    or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    return (int(rest[11]) + int(rest[12])) / _TICK  # utime + stime
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    rest = _stat(pid)
+    return None if rest is None else (int(rest[11]) + int(rest[12])) / _TICK  # utime + stime
 
 
 def _rss(pids: list[int]) -> int:
@@ -415,13 +421,8 @@ def kill_tree(proc: subprocess.Popen, *, wait: bool = True, exit_wait_s: float =
 def _exited(pid: int) -> bool:
     """Gone, or a zombie with no thread left exiting: its exit (and the release of its files and
     device contexts) is done."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    rest = stat[stat.rfind(b")") + 2:].split()
-    return rest[0] in (b"Z", b"X") and int(rest[17]) <= 1  # state; num_threads (field 20)
+    rest = _stat(pid)
+    return rest is None or (rest[0] in (b"Z", b"X") and int(rest[17]) <= 1)  # state; num_threads (field 20)
 
 
 class _Watchdog(threading.Thread):
