@@ -623,9 +623,9 @@ async def test_a_suspected_slowdown_times_the_baseline_alone_again_without_the_c
     seen = []
     real_alone = bench.BenchRun._time_baseline_alone
 
-    def spy(self, st, s, tag, **kw):
+    def spy(self, st, s, tag):
         seen.append((tag, self.cand.proc.poll() is not None))
-        return real_alone(self, st, s, tag, **kw)
+        return real_alone(self, st, s, tag)
 
     monkeypatch.setattr(bench.BenchRun, "_time_baseline_alone", spy)
     monkeypatch.setattr(bench.BenchRun, "_suspects", lambda self: [st for st in self.states if st.status == "PASSED"])

@@ -17,8 +17,7 @@ every candidate block. Medians with bootstrap intervals, speedups against the lo
 the physical floor, the interference check (a baseline markedly slower beside the candidate than
 alone is, under bubblewrap, timed alone once more after the candidate's processes have exited: it
 is drift, not interference, only if it is demonstrably slower alone too), the lock re-checked at
-the end. `phases_s` in the record says where the run's wall
-time went.
+the end. `phases_s` in the record says where the run's wall time went.
 """
 
 from __future__ import annotations
@@ -700,7 +699,7 @@ class BenchRun:
                             pass  # the failure that matters is already recorded
 
     # -- results
-    def _slowdown(self, b: Any, alone: list[float], seed: int) -> tuple[float, ...] | None:
+    def _slowdown(self, b: Any, alone: list[float], seed: int) -> tuple[float, float] | None:
         """(baseline span beside the candidate, span alone) when the baseline ran markedly slower
         beside the candidate than in the `alone` samples: past the policy's ratio, with the
         intervals apart. `b` is the baseline's median interval, launch gap included. Judged on the
@@ -718,18 +717,21 @@ class BenchRun:
         return (self.pol.benchmark.interference_ratio if self.device != "cpu"
                 else self.pol.benchmark.cpu_interference_ratio)
 
-    def _suspects(self) -> list[WorkloadState]:
-        """Workloads whose baseline ran markedly slower beside the candidate than alone before it."""
+    @staticmethod
+    def _wl_seed(st: WorkloadState) -> int:
+        """The workload's bootstrap seed: a run's intervals are reproducible from its samples."""
+        return int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
+
+    def _baseline_ci(self, st: WorkloadState) -> Any:
         from . import stats
 
-        out = []
-        for st in self.states:
-            if st.status == "PASSED" and st.base and st.clean:
-                seed = int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
-                b = stats.median_ci([x + self.launch_gap_us for x in st.base], seed=seed)
-                if self._slowdown(b, st.clean, seed + 3):
-                    out.append(st)
-        return out
+        return stats.median_ci([x + self.launch_gap_us for x in st.base], seed=self._wl_seed(st))
+
+    def _suspects(self) -> list[WorkloadState]:
+        """Workloads whose baseline ran markedly slower beside the candidate than alone before it
+        (judged as `_analyze` judges it, with the same intervals)."""
+        return [st for st in self.states if st.status == "PASSED" and st.base and st.clean
+                and self._slowdown(self._baseline_ci(st), st.clean, self._wl_seed(st) + 3)]
 
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
         from . import stats
@@ -739,14 +741,14 @@ class BenchRun:
         nbytes = floor_mod.min_bytes(self.definition, st.wl)
         fl = floor_mod.floor_us(nbytes, bw.get("bytes_per_s"), self.device)
         out.update(bytes=nbytes, floor_us=fl, **st.correctness)
-        seed = int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
+        seed = self._wl_seed(st)
         reps = None
         if st.status == "PASSED" and st.base and st.cand:
             # A latency is the call's device span plus the launch gap it waited in the stream
             # (zero where events time the calls, whose frame already carries more than that).
             gap = self.launch_gap_us
             base, cand = [x + gap for x in st.base], [x + gap for x in st.cand]
-            b = stats.median_ci(base, seed=seed)
+            b = self._baseline_ci(st)
             c = stats.median_ci(cand, seed=seed + 7)
             c_span = c.value - gap  # the work itself: what the floor judges
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
@@ -767,8 +769,8 @@ class BenchRun:
                 ca = stats.median_ci([x + gap for x in st.clean_after], seed=seed + 5) if st.clean_after else None
                 if ca is not None:
                     out.update(clean_after_baseline_us=ca.value, clean_after_baseline_ci_us=ca.as_list())
+                ca_span = None if ca is None else ca.value - gap
                 if slow and ca is not None:
-                    ca_span = ca.value - gap
                     # Drift only where it shows: alone again, the baseline is slower than alone
                     # before (intervals apart), and beside the candidate within the policy's ratio of
                     # that. Anything less clear stays interference.
@@ -780,13 +782,11 @@ class BenchRun:
                             f"({ca_span / slow[1]:.2f}x its first figure): the machine slowed down during the run; "
                             "the speedup is the interleaved one, both sides measured through it"))
                         slow = None
-                    else:
-                        slow = (*slow, ca_span)
                 if slow:
                     st.fail("TIMING_TAMPERED", "interference",
                             f"the baseline ran {slow[0] / slow[1]:.2f}x slower beside the candidate (device span "
                             f"{slow[0]:.2f} us) than alone before it was loaded ({slow[1]:.2f} us)"
-                            + (f" and alone again after its worker had exited ({slow[2]:.2f} us)" if len(slow) > 2
+                            + (f" and alone again after its worker had exited ({ca_span:.2f} us)" if ca_span is not None
                                else "") + ": interference, not a speedup")
             if self.device != "cpu" and st.cand_traced and st.cand_ev:
                 self._stream_checks(st, out)
