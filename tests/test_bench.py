@@ -232,7 +232,8 @@ async def test_python_candidate_end_to_end(workspace):
             assert w["speedup"] == pytest.approx(w["baseline_us"] / w["candidate_us"])
             assert w["clean_after_baseline_us"] is None  # not slowed beside the candidate: no second look
             assert w["speedup_ci"][0] <= w["speedup"] <= w["speedup_ci"][1]
-        assert "baseline_alone_again" not in workspace.store.get_run(out["run_id"])["record"]["phases_s"]
+        record = workspace.store.get_run(out["run_id"])["record"]
+        assert "baseline_alone_again" not in record["phases_s"] and "gpu_second_look" not in record["env"]
         assert out["mean_speedup_ci"][0] <= out["mean_speedup"] <= out["mean_speedup_ci"][1]
         assert out["geomean_speedup"] <= out["mean_speedup"] + 1e-9
 
@@ -644,6 +645,10 @@ async def test_a_suspected_slowdown_times_the_baseline_alone_again_without_the_c
             assert w["clean_after_baseline_us"] > 0 and w["clean_baseline_us"] > 0, w
         record = workspace.store.get_run(out["run_id"])["record"]
         assert record["phases_s"]["baseline_alone_again"] > 0
+        # The machine as it was for the second look, beside its state at the start and the end.
+        env = record["env"]
+        assert {"host_load_1m"} <= env["gpu_second_look"].keys() and env["gpu_second_look"]["host_load_1m"] >= 0
+        assert env["gpu_start"].keys() == env["gpu_second_look"].keys() == env["gpu_end"].keys()
         # The server still serves, with fresh workers.
         again = await _bench(client, path=path, workloads=[BATCH1])
         assert again["status"] == "PASSED"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import random
 import secrets
 import shutil
@@ -191,7 +192,12 @@ def prepare(ws: Workspace, path: str | None, candidate: str | None, workloads: s
 
 # --- environment -----------------------------------------------------------------------------------
 def gpu_snapshot(lease: Lease) -> dict[str, Any]:
-    """nvidia-smi's view of the leased GPU (clocks, temperature, power), or why there is none."""
+    """nvidia-smi's view of the leased GPU (clocks, temperature, power), or why there is none, and
+    the host's load: a baseline paced by its host launches follows the CPU, not the GPU."""
+    return {**_smi_query(lease), "host_load_1m": round(os.getloadavg()[0], 2)}
+
+
+def _smi_query(lease: Lease) -> dict[str, Any]:
     if lease.kind != "cuda":
         return {"device": "cpu"}
     smi = shutil.which("nvidia-smi")
@@ -268,6 +274,7 @@ class BenchRun:
         self.global_alerts: list[dict] = []
         self.notes: list[str] = []
         self.launch_gap_us = 0.0
+        self.env_second_look: dict[str, Any] = {}  # the machine when the baseline is timed alone again
         self.trusted: WorkerClient | None = None
         self.cand: WorkerClient | None = None
         self.spare: WorkerPair | None = None
@@ -496,6 +503,7 @@ class BenchRun:
             return
         self.cancel.check()
         time.sleep(SETTLE_S)
+        self.env_second_look = gpu_snapshot(self.lease)
         for st in suspects:
             self.cancel.check()
             try:
@@ -900,6 +908,7 @@ class BenchRun:
         device_label = "cpu" if lease.kind == "cpu" else f"cuda:{t_env.get('gpu_name', lease.index)}"
         env = {"device": device_label, "lease": lease.label, "worker": t_env, "candidate_worker": c_env,
                "gpu_start": env_start, "gpu_end": env_end, "calibration": bw, "isolation": self.isolation,
+               **({"gpu_second_look": self.env_second_look} if self.env_second_look else {}),
                "worker_processes": {w.name: w.proc.pid for w in (self.trusted, self.cand) if w is not None},
                "host_python": sys.version.split()[0]}
         if lease.kind == "cpu":
