@@ -604,6 +604,22 @@ def test_a_baseline_slow_alone_again_is_drift_not_interference(workspace):
     assert judged([])["status"] == "TIMING_TAMPERED"
 
 
+def test_a_policy_without_the_second_look_lets_the_first_comparison_decide(workspace):
+    from kda.tools.policy import _check_floors
+
+    pol = workspace.policy
+    strict = pol.model_copy(update={"benchmark": pol.benchmark.model_copy(update={"interference_second_look": False})})
+    _check_floors(strict, workspace.policy, "policy.toml")  # turning it off tightens: allowed
+    with pytest.raises(PolicyError, match="interference_second_look turned on"):
+        _check_floors(workspace.policy, strict, "policy.toml")
+    run = _analyzer(workspace, "cuda")
+    run.pol, run.notes, run.isolation, run.cand = strict, [], "bubblewrap", None
+    slowed = _state(workspace.workloads()[0], [10.0] * 100, [4.0] * 100, clean=[5.0] * 100)
+    run._recheck_alone([slowed], None, 1)  # type: ignore[arg-type]  # returns before touching a worker or the progress callback
+    assert slowed.clean_after == [] and "interference_second_look is off" in run.notes[0]
+    assert run._analyze(slowed, {})["status"] == "TIMING_TAMPERED"
+
+
 def test_only_a_baseline_slowed_beside_the_candidate_is_timed_alone_again(workspace):
     gpu = _analyzer(workspace, "cuda")
     small, other = workspace.workloads()[:2]

@@ -491,6 +491,10 @@ class BenchRun:
         and the work queued on it), then the baseline is timed alone again, as the first time. Only
         under bubblewrap, whose pid namespace leaves no process of the candidate behind; without it
         a double-forked process could outlive the worker and slow this measurement too."""
+        if not self.pol.benchmark.interference_second_look:
+            self.notes.append("the baseline ran slower beside the candidate than alone; not timed alone again "
+                              "(the policy's benchmark.interference_second_look is off)")
+            return
         if self.isolation != "bubblewrap":
             self.notes.append("the baseline ran slower beside the candidate than alone; not timed alone again, "
                               "since without bubblewrap the candidate's processes may outlive its worker")
@@ -929,6 +933,7 @@ class BenchRun:
                        "required_matched_ratio": self.pol.correctness.required_matched_ratio,
                        "call_timeout_s": self.call_timeout, "interference_ratio": self.pol.benchmark.interference_ratio,
                        "cpu_interference_ratio": self.pol.benchmark.cpu_interference_ratio,
+                       "interference_second_look": self.pol.benchmark.interference_second_look,
                        # Latencies are the samples (device spans) plus this, once per call.
                        "launch_gap_us": self.launch_gap_us},
             "logs": {"trusted": self.trusted.log_tail() if self.trusted else "",

@@ -98,6 +98,9 @@ class BenchmarkPolicy(_Strict):
     # Integrity thresholds (floors: a workspace may lower them, never raise them).
     interference_ratio: float = Field(1.25, gt=1.0, le=2.0)
     cpu_interference_ratio: float = Field(3.0, gt=1.0, le=5.0)
+    interference_second_look: bool = Field(
+        True, description="Time a baseline slowed beside the candidate alone again before calling it interference "
+                          "(false: the first comparison decides, stricter).")
     unaccounted_us: float = Field(10.0, gt=0, le=1000.0)
     unaccounted_ratio: float = Field(2.0, gt=0, le=10.0)
     spare_workers: Literal["off", "gpu", "always"] = Field(
@@ -181,6 +184,8 @@ def _check_floors(p: Policy, base: Policy, source: str) -> None:
     for key in ("interference_ratio", "cpu_interference_ratio", "unaccounted_us", "unaccounted_ratio"):
         if getattr(bp, key) > getattr(bb, key):
             looser.append(f"benchmark.{key} {getattr(bp, key)} > floor {getattr(bb, key)}")
+    if bp.interference_second_look and not bb.interference_second_look:
+        looser.append("benchmark.interference_second_look turned on")
     missing = [g for g in base.paths.protected if g not in p.paths.protected]
     if missing:
         looser.append(f"paths.protected drops {missing}")
