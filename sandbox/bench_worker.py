@@ -715,8 +715,12 @@ class Worker:
 
     def calibrate(self, p: dict) -> dict:
         """The device's figures, measured once per device: copy bandwidth (bytes read + written per
-        second, best of a few large copies) and, where CUPTI times the calls, the launch gap."""
-        out = self._bandwidth(p)
+        second, best of a few large copies) and, where CUPTI times the calls, the launch gap
+        (`parts` names a subset: "bandwidth", "launch_gap")."""
+        parts = p.get("parts", ["bandwidth", "launch_gap"])
+        out = self._bandwidth(p) if "bandwidth" in parts else {}
+        if "launch_gap" not in parts:
+            return out
         if self.tracer is not None:
             try:
                 out["launch_gap_us"] = self._launch_gap()

@@ -44,6 +44,9 @@ async def test_triton_rmsnorm_on_all_workloads(workspace):
         if env["worker"]["timing_mode"].startswith("CUPTI"):  # the launch gap a queued kernel waits
             cfg = run.structured_content["record"]["config"]
             assert 0.1 < cfg["launch_gap_us"] < 10.0 and cfg["launch_gap_us"] == env["calibration"]["launch_gap_us"]
+            # The gap is the process's: the device's figure is the median of three fresh processes'.
+            per_process = env["calibration"]["launch_gap_per_process_us"]
+            assert len(per_process) == 3 and cfg["launch_gap_us"] == sorted(per_process)[1], env["calibration"]
         assert "clocks.sm" in env["gpu_start"] or "nvidia_smi" in env["gpu_start"]
         # The candidate's compiled kernels are kept for the next run of the same content.
         kept = workspace.kda_dir / "cache" / "kernels" / f"candidate-{out['candidate_hash']}"

@@ -29,6 +29,7 @@ import os
 import random
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +58,10 @@ MAX_RESTARTS = 2
 # take to exit, and a pause after, so a device clock it drove up or down settles.
 EXIT_WAIT_S = 10.0
 SETTLE_S = 0.5
+# The launch gap is the process's, not the kernel's: fresh processes on one H100 read 0.98 to
+# 1.19 us, each steady within itself (benchmarks/README.md, second run). The device's figure is the
+# median over this many fresh trusted processes, so a workspace does not inherit one draw.
+GAP_PROCESSES = 3
 # Input sets a workload's timed iterations rotate over. Where the buffers lie in device memory
 # moves a kernel's time: on an H200 (2026-11-30, benchmarks/timing_state.py) the median of one
 # set differed from the next by up to 1.3% at 33-56 us and 5.7% at ~2 us, two to three times
@@ -429,14 +434,13 @@ class BenchRun:
                                  baseline=base_desc, safetensors_root=str(self.ws.task_dir))
         self.loaded[self.ref_dir.name] = True
         device_key = self._device_key(lease, t_env)
-        measure = lambda: {k: v for k, v in self.trusted.request("calibrate", 120).items()  # noqa: E731
-                           if k in ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")}
         # The launch gap is added to both sides' spans when both workers time with CUPTI; not where
         # events time the calls (their frame already carries more than that).
         traced = all(str(e.get("timing_mode", "")).startswith("CUPTI") for e in (t_env, c_env))
         with self.phase("calibration"):
-            bw = floor_mod.cached_calibration(self.ws.store, device_key, measure, keep=self.store_calibration,
-                                              require=("launch_gap_us",) if traced else ())
+            bw = floor_mod.cached_calibration(self.ws.store, device_key, lambda: self._calibrate(traced),
+                                              keep=self.store_calibration,
+                                              require=("launch_gap_us", "launch_gap_per_process_us") if traced else ())
         self.launch_gap_us = float(bw.get("launch_gap_us") or 0.0) if traced else 0.0
         if traced and bw.get("launch_gap_us") is None:
             self.notes.append("the device's launch gap could not be measured "
@@ -470,6 +474,48 @@ class BenchRun:
         with self.phase("gpu_snapshot"):
             env_end = gpu_snapshot(lease)
         return self._finish(lease, t_env, c_env, env_start, env_end, bw)
+
+    def _calibrate(self, traced: bool) -> dict[str, Any]:
+        """The device's figures: copy bandwidth from the trusted worker; the launch gap (where CUPTI
+        times the calls) the median of its reading and those of `GAP_PROCESSES - 1` more fresh
+        trusted processes, started beside the bandwidth measurement and killed after their probe.
+        The probes run one at a time, once every process is up: a context being created elsewhere
+        on the device would move a probe."""
+        assert self.trusted is not None
+        keep = ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")
+        extra: list[WorkerClient] = []
+        try:
+            if traced:
+                extra = [self._start("trusted", self.lease) for _ in range(GAP_PROCESSES - 1)]
+            out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items() if k in keep}
+            up, errors = [self.trusted] if traced else [], []
+            for w in extra:
+                try:
+                    w.ready(180)
+                    up.append(w)
+                except WorkerFailure as e:
+                    errors.append(e.evidence[:200])
+            gaps: list[float] = []
+            for w in up:
+                try:
+                    r = w.request("calibrate", 120, parts=["launch_gap"])
+                except WorkerFailure as e:
+                    if w is self.trusted:
+                        raise
+                    errors.append(e.evidence[:200])
+                    continue
+                if r.get("launch_gap_us") is not None:
+                    gaps.append(r["launch_gap_us"])
+                else:
+                    errors.append(str(r.get("launch_gap_error", "no figure")))
+        finally:  # gone, with their contexts, before the baseline is timed alone
+            for w in extra:
+                w.close(exit_wait_s=EXIT_WAIT_S)
+        if gaps:
+            out.update(launch_gap_us=statistics.median(gaps), launch_gap_per_process_us=gaps)
+        if errors:
+            out["launch_gap_error" if not gaps else "launch_gap_process_errors"] = "; ".join(errors)[:600]
+        return out
 
     def _time_baseline_alone(self, st: WorkloadState, s: Settings, tag: str) -> list[float]:
         """The baseline timed by itself in the trusted worker: half a block, enough for the
