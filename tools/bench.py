@@ -485,8 +485,8 @@ class BenchRun:
         keep = ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")
         extra: list[WorkerClient] = []
         try:
-            if traced:
-                extra = [self._start("trusted", self.lease) for _ in range(GAP_PROCESSES - 1)]
+            for _ in range(GAP_PROCESSES - 1 if traced else 0):
+                extra.append(self._start("trusted", self.lease))  # one by one: a failed start closes those before it
             out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items() if k in keep}
             up, errors = [self.trusted] if traced else [], []
             for w in extra:
