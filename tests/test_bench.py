@@ -673,33 +673,46 @@ async def test_a_suspected_slowdown_times_the_baseline_alone_again_without_the_c
 @pytest.mark.anyio
 async def test_the_launch_gap_is_probed_in_fresh_trusted_processes_that_are_gone_after(workspace, monkeypatch):
     """The calibration's orchestration on real workers, as on a CUPTI device: two more trusted
-    processes start beside the bandwidth measurement, each is asked for the gap, and all have
-    exited before the baseline is timed. (A CPU build of torch has no CUPTI, so none reads a figure:
-    each says so, and the run goes on without a gap.)"""
-    started, seen = [], {}
+    processes start after the bandwidth measurement, each is asked for the gap, and all have been
+    closed with an exit wait, and have exited, before the baseline is timed. On a GPU the device's
+    figure is the median of the three; a CPU build of torch has no CUPTI, so each process says it
+    read no figure and the run goes on without a gap."""
+    started, closed, seen = [], [], {}
     real_start, real_calibrate = bench.BenchRun._start, bench.BenchRun._calibrate
+    real_close = bench.WorkerClient.close
 
     def start_spy(self, role, lease):
         started.append(real_start(self, role, lease))
         return started[-1]
 
+    def close_spy(self, exit_wait_s=0.0):
+        closed.append((self, exit_wait_s))
+        return real_close(self, exit_wait_s)
+
     def calibrate_spy(self, traced):
         out = real_calibrate(self, True)
         extra = [w for w in started if w not in (self.trusted, self.cand)]
-        seen.update(out=out, extra=extra, exited=[w.proc.poll() is not None for w in extra])
+        seen.update(out=out, extra=extra, exited=[w.proc.poll() is not None for w in extra],
+                    waited=[wait for w, wait in closed if w in extra])
         return out
 
     monkeypatch.setattr(bench.BenchRun, "_start", start_spy)
     monkeypatch.setattr(bench.BenchRun, "_calibrate", calibrate_spy)
+    monkeypatch.setattr(bench.WorkerClient, "close", close_spy)
     path = _install(workspace, DATA / "torch_rmsnorm", "v1")
     async with mcp_client(workspace, "writer") as client:
         out = await _bench(client, path=path, workloads=[BATCH1])
     assert out["status"] == "PASSED", out["workloads"]
-    extra = seen["extra"]
+    extra, cal = seen["extra"], seen["out"]
     assert len(extra) == bench.GAP_PROCESSES - 1 and all(w.name == "trusted" for w in extra)
-    assert all(seen["exited"]), seen["exited"]  # gone before the baseline is timed alone
-    assert seen["out"]["bytes_per_s"] > 0 and "launch_gap_us" not in seen["out"]
-    assert seen["out"]["launch_gap_error"].count("no figure") == bench.GAP_PROCESSES, seen["out"]
+    assert seen["waited"] == [bench.EXIT_WAIT_S] * len(extra) and all(seen["exited"]), seen
+    assert cal["bytes_per_s"] > 0
+    if DEVICE == "cuda":
+        gaps = cal["launch_gap_per_process_us"]
+        assert len(gaps) == bench.GAP_PROCESSES and cal["launch_gap_us"] == sorted(gaps)[1], cal
+        assert out["workloads"][0]["launch_gap_us"] == cal["launch_gap_us"]
+    else:
+        assert "launch_gap_us" not in cal and cal["launch_gap_error"].count("no figure") == bench.GAP_PROCESSES, cal
 
 
 def test_rules_floor_interference_side_stream_and_sleep(workspace):

@@ -478,24 +478,31 @@ class BenchRun:
     def _calibrate(self, traced: bool) -> dict[str, Any]:
         """The device's figures: copy bandwidth from the trusted worker; the launch gap (where CUPTI
         times the calls) the median of its reading and those of `GAP_PROCESSES - 1` more fresh
-        trusted processes, started beside the bandwidth measurement and killed after their probe.
+        trusted processes, started after the bandwidth measurement and killed after their probe.
         The probes run one at a time, once every process is up: a context being created elsewhere
-        on the device would move a probe."""
+        on the device would move a probe. Fewer figures than processes are used for this run but
+        not kept as the device's (`launch_gap_per_process_us` missing: the next run measures again)."""
         assert self.trusted is not None
         keep = ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")
+        out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items() if k in keep}
+        if not traced:
+            return out
         extra: list[WorkerClient] = []
+        gaps: list[float] = []
+        errors: list[str] = []
         try:
-            for _ in range(GAP_PROCESSES - 1 if traced else 0):
-                extra.append(self._start("trusted", self.lease))  # one by one: a failed start closes those before it
-            out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items() if k in keep}
-            up, errors = [self.trusted] if traced else [], []
+            for _ in range(GAP_PROCESSES - 1):
+                try:  # one by one: a failed start still closes those before it
+                    extra.append(self._start("trusted", self.lease))
+                except Exception as e:
+                    errors.append(f"a trusted process could not start: {type(e).__name__}: {str(e)[:150]}")
+            up = [self.trusted]
             for w in extra:
                 try:
                     w.ready(180)
                     up.append(w)
                 except WorkerFailure as e:
                     errors.append(e.evidence[:200])
-            gaps: list[float] = []
             for w in up:
                 try:
                     r = w.request("calibrate", 120, parts=["launch_gap"])
@@ -509,10 +516,15 @@ class BenchRun:
                 else:
                     errors.append(str(r.get("launch_gap_error", "no figure")))
         finally:  # gone, with their contexts, before the baseline is timed alone
-            for w in extra:
-                w.close(exit_wait_s=EXIT_WAIT_S)
+            lingering = sum(not w.close(exit_wait_s=EXIT_WAIT_S) for w in extra)
+        if lingering:
+            self.notes.append(f"{lingering} calibration process(es) had not exited {EXIT_WAIT_S:.0f} s after "
+                              "they were killed when the baseline was first timed alone")
+        if extra:
+            time.sleep(SETTLE_S)
         if gaps:
-            out.update(launch_gap_us=statistics.median(gaps), launch_gap_per_process_us=gaps)
+            out["launch_gap_us"] = statistics.median(gaps)
+            out["launch_gap_per_process_us" if len(gaps) == GAP_PROCESSES else "launch_gap_partial_us"] = gaps
         if errors:
             out["launch_gap_error" if not gaps else "launch_gap_process_errors"] = "; ".join(errors)[:600]
         return out
