@@ -769,17 +769,12 @@ class BenchRun:
                             pass  # the failure that matters is already recorded
 
     # -- results
-    def _slowdown(self, b: Any, alone: list[float], seed: int) -> tuple[float, float] | None:
+    def _slowdown(self, b: Any, a: Any) -> tuple[float, float] | None:
         """(baseline span beside the candidate, span alone) when the baseline ran markedly slower
-        beside the candidate than in the `alone` samples: past the policy's ratio, with the
-        intervals apart. `b` is the baseline's median interval, launch gap included. Judged on the
-        spans: the gap added to both would dilute a slowdown of small kernels."""
-        from . import stats
-
-        if not alone:
-            return None
+        beside the candidate (median interval `b`) than alone (`a`): past the policy's ratio, with
+        the intervals apart. Both intervals include the launch gap; judged on the spans, since the
+        gap added to both would dilute a slowdown of small kernels."""
         gap = self.launch_gap_us
-        a = stats.median_ci([x + gap for x in alone], seed=seed)
         b_span, a_span = b.value - gap, a.value - gap
         return (b_span, a_span) if b_span > self._ratio_limit() * a_span and b.lo > a.hi else None
 
@@ -797,11 +792,17 @@ class BenchRun:
 
         return stats.median_ci([x + self.launch_gap_us for x in st.base], seed=self._wl_seed(st))
 
+    def _clean_ci(self, st: WorkloadState) -> Any:
+        """The median interval of the baseline timed alone before the candidate was loaded."""
+        from . import stats
+
+        return stats.median_ci([x + self.launch_gap_us for x in st.clean], seed=self._wl_seed(st) + 3)
+
     def _suspects(self) -> list[WorkloadState]:
         """Workloads whose baseline ran markedly slower beside the candidate than alone before it
         (judged as `_analyze` judges it, with the same intervals)."""
         return [st for st in self.states if st.status == "PASSED" and st.base and st.clean
-                and self._slowdown(self._baseline_ci(st), st.clean, self._wl_seed(st) + 3)]
+                and self._slowdown(self._baseline_ci(st), self._clean_ci(st))]
 
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
         from . import stats
@@ -833,9 +834,9 @@ class BenchRun:
                         f"{sum(1 for x in st.cand if x <= 0)} of {len(st.cand)} timed calls ran no device "
                         f"work (median device span {c_span:.3f} us), so the work was not done in them")
             if st.clean:
-                cl = stats.median_ci([x + gap for x in st.clean], seed=seed + 3)
+                cl = self._clean_ci(st)
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
-                slow = self._slowdown(b, st.clean, seed + 3)
+                slow = self._slowdown(b, cl)
                 ca = stats.median_ci([x + gap for x in st.clean_after], seed=seed + 5) if st.clean_after else None
                 if ca is not None:
                     out.update(clean_after_baseline_us=ca.value, clean_after_baseline_ci_us=ca.as_list())
