@@ -483,8 +483,8 @@ class BenchRun:
         on the device would move a probe. Fewer figures than processes are used for this run but
         not kept as the device's (`launch_gap_per_process_us` missing: the next run measures again)."""
         assert self.trusted is not None
-        keep = ("bytes_per_s", "method", "launch_gap_us", "launch_gap_error")
-        out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items() if k in keep}
+        out = {k: v for k, v in self.trusted.request("calibrate", 120, parts=["bandwidth"]).items()
+               if k in ("bytes_per_s", "method")}
         if not traced:
             return out
         extra: list[WorkerClient] = []
@@ -516,18 +516,24 @@ class BenchRun:
                 else:
                     errors.append(str(r.get("launch_gap_error", "no figure")))
         finally:  # gone, with their contexts, before the baseline is timed alone
-            lingering = sum(not w.close(exit_wait_s=EXIT_WAIT_S) for w in extra)
-        if lingering:
-            self.notes.append(f"{lingering} calibration process(es) had not exited {EXIT_WAIT_S:.0f} s after "
-                              "they were killed when the baseline was first timed alone")
-        if extra:
-            time.sleep(SETTLE_S)
+            if extra and not self._retire(extra):
+                self.notes.append(f"calibration processes had not all exited {EXIT_WAIT_S:.0f} s after they "
+                                  "were killed when the baseline was first timed alone")
         if gaps:
             out["launch_gap_us"] = statistics.median(gaps)
             out["launch_gap_per_process_us" if len(gaps) == GAP_PROCESSES else "launch_gap_partial_us"] = gaps
         if errors:
             out["launch_gap_error" if not gaps else "launch_gap_process_errors"] = "; ".join(errors)[:600]
         return out
+
+    @staticmethod
+    def _retire(workers: list[WorkerClient]) -> bool:
+        """Kills `workers` before the baseline is timed alone: waits until every process of theirs
+        has exited (a killed process keeps its GPU context, and the work queued on it, until then),
+        then `SETTLE_S`, so a device clock they drove up or down settles. Returns whether all had."""
+        gone = all([w.close(exit_wait_s=EXIT_WAIT_S) for w in workers])  # a list: close every one
+        time.sleep(SETTLE_S)
+        return gone
 
     def _time_baseline_alone(self, st: WorkloadState, s: Settings, tag: str) -> list[float]:
         """The baseline timed by itself in the trusted worker: half a block, enough for the
@@ -559,12 +565,11 @@ class BenchRun:
             return
         self.progress(total, total, f"the baseline ran slower beside the candidate on {len(suspects)} "
                       "workload(s): timing it alone again once the candidate's worker is gone")
-        if self.cand is not None and not self.cand.close(exit_wait_s=EXIT_WAIT_S):
+        if self.cand is not None and not self._retire([self.cand]):
             self.notes.append(f"the candidate's processes had not all exited {EXIT_WAIT_S:.0f} s after they were "
                               "killed: the baseline was not timed alone again")
             return
         self.cancel.check()
-        time.sleep(SETTLE_S)
         self.env_second_look = gpu_snapshot(self.lease)
         for st in suspects:
             self.cancel.check()
