@@ -62,14 +62,11 @@ class Probe:
         import torch
 
         from kda.sandbox import harness as H
-        from timing_state import code_evictor
+        from timing_state import code_evictor, rmsnorm_task
 
         self.torch, dev = torch, torch.device("cuda")
         self.dev = dev
-        d = json.loads((dataset / "definitions" / "rmsnorm" / "rmsnorm_h4096.json").read_text())
-        wls = [json.loads(x)["workload"] for x in
-               (dataset / "workloads" / "rmsnorm" / "rmsnorm_h4096.jsonl").read_text().splitlines() if x.strip()]
-        by_b = {w["axes"]["batch_size"]: w for w in wls}
+        d, by_b = rmsnorm_task(dataset)
         rms = H.load_entry(KERNEL_DIR, "kernel.py::run", "ncu_residue_rmsnorm")
         x, y = torch.ones(1, device=dev), torch.zeros(1, device=dev)
         self.kernels: dict[str, Callable[[], Any]] = {

@@ -293,6 +293,14 @@ def checks(b: Bench, wl: dict, tmp: Path, busy: bool) -> dict:
             proc.wait()
 
 
+def rmsnorm_task(ds: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The rmsnorm_h4096 definition from a FlashInfer Trace dataset, and its workloads by batch size."""
+    d = json.loads((ds / "definitions" / "rmsnorm" / "rmsnorm_h4096.json").read_text())
+    wls = [json.loads(x)["workload"] for x in
+           (ds / "workloads" / "rmsnorm" / "rmsnorm_h4096.jsonl").read_text().splitlines() if x.strip()]
+    return d, {w["axes"]["batch_size"]: w for w in wls}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
@@ -310,10 +318,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         say("no CUDA GPU: this experiment measures GPU timing")
         return 2
-    ds = Path(a.dataset)
-    d = json.loads((ds / "definitions" / "rmsnorm" / "rmsnorm_h4096.json").read_text())
-    wls = [json.loads(x)["workload"] for x in (ds / "workloads" / "rmsnorm" / "rmsnorm_h4096.jsonl").read_text().splitlines() if x.strip()]
-    by_b = {w["axes"]["batch_size"]: w for w in wls}
+    d, by_b = rmsnorm_task(Path(a.dataset))
     pick = [by_b[k] for k in (7, 170, 8804, 14509) if k in by_b]
     b = Bench(d)
     out: dict[str, Any] = {"env": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
