@@ -792,22 +792,24 @@ class BenchRun:
         """The workload's bootstrap seed: a run's intervals are reproducible from its samples."""
         return int.from_bytes(hashlib.sha256(st.wl["uuid"].encode()).digest()[:4], "little")
 
-    def _baseline_ci(self, st: WorkloadState) -> Any:
+    # Each sample series draws its bootstrap from its own seed, so its interval is reproducible
+    # from the run's samples and independent of the others'.
+    _SERIES_SEED = {"base": 0, "clean": 3, "clean_after": 5, "cand": 7}
+
+    def _latency_ci(self, st: WorkloadState, series: str) -> Any:
+        """The median interval of one of `st`'s sample series (`base` beside the candidate, `clean`
+        alone before it was loaded, `clean_after` alone after its worker exited, `cand`), launch
+        gap included."""
         from . import stats
 
-        return stats.median_ci([x + self.launch_gap_us for x in st.base], seed=self._wl_seed(st))
-
-    def _clean_ci(self, st: WorkloadState) -> Any:
-        """The median interval of the baseline timed alone before the candidate was loaded."""
-        from . import stats
-
-        return stats.median_ci([x + self.launch_gap_us for x in st.clean], seed=self._wl_seed(st) + 3)
+        return stats.median_ci([x + self.launch_gap_us for x in getattr(st, series)],
+                               seed=self._wl_seed(st) + self._SERIES_SEED[series])
 
     def _suspects(self) -> list[WorkloadState]:
         """Workloads whose baseline ran markedly slower beside the candidate than alone before it
         (judged as `_analyze` judges it, with the same intervals)."""
         return [st for st in self.states if st.status == "PASSED" and st.base and st.clean
-                and self._slowdown(self._baseline_ci(st), self._clean_ci(st))]
+                and self._slowdown(self._latency_ci(st, "base"), self._latency_ci(st, "clean"))]
 
     def _analyze(self, st: WorkloadState, bw: dict[str, Any]) -> dict[str, Any]:
         from . import stats
@@ -824,8 +826,7 @@ class BenchRun:
             # (zero where events time the calls, whose frame already carries more than that).
             gap = self.launch_gap_us
             base, cand = [x + gap for x in st.base], [x + gap for x in st.cand]
-            b = self._baseline_ci(st)
-            c = stats.median_ci(cand, seed=seed + 7)
+            b, c = self._latency_ci(st, "base"), self._latency_ci(st, "cand")
             c_span = c.value - gap  # the work itself: what the floor judges
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
                        candidate_ci_us=c.as_list())
@@ -839,10 +840,10 @@ class BenchRun:
                         f"{sum(1 for x in st.cand if x <= 0)} of {len(st.cand)} timed calls ran no device "
                         f"work (median device span {c_span:.3f} us), so the work was not done in them")
             if st.clean:
-                cl = self._clean_ci(st)
+                cl = self._latency_ci(st, "clean")
                 out.update(clean_baseline_us=cl.value, clean_baseline_ci_us=cl.as_list())
                 slow = self._slowdown(b, cl)
-                ca = stats.median_ci([x + gap for x in st.clean_after], seed=seed + 5) if st.clean_after else None
+                ca = self._latency_ci(st, "clean_after") if st.clean_after else None
                 if ca is not None:
                     out.update(clean_after_baseline_us=ca.value, clean_after_baseline_ci_us=ca.as_list())
                 ca_span = None if ca is None else ca.value - gap
