@@ -55,6 +55,9 @@ class WorkloadResult(BaseModel):
         None, description="Only where the baseline ran markedly slower beside the candidate than alone: "
                           "timed alone again after the candidate's processes exited (demonstrably slow "
                           "again: drift, not interference).")
+    launch_gap_us: Optional[float] = Field(
+        None, description="The device's launch gap, measured once per device, added to every device span "
+                          "in the latencies above (0 where CUDA events time the calls).")
     floor_us: Optional[float] = None
     max_abs: Optional[float] = None
     max_rel: Optional[float] = None

@@ -170,6 +170,12 @@ def test_physical_floor_bytes():
     # A kernel may beat the measured copy bandwidth by up to COPY_TO_PEAK (it cannot beat the memory).
     assert floor.floor_us(24576, 1e12, "cuda") == pytest.approx(0.024576 / floor.COPY_TO_PEAK)
     assert floor.floor_us(24576, 1e10, "cpu") is None  # fits in cache: no floor on a CPU
+    # On a GPU, outputs its write-back L2 can hold at the kernel's end need not reach memory in it.
+    read, written = floor.io_bytes(d, {"axes": {"batch_size": 4096}})
+    assert (read, written) == (4096 * 4096 * 2 + 4096 * 2, 4096 * 4096 * 2)
+    assert floor.floor_bytes(d, {"axes": {"batch_size": 4096}}, 50 << 20) == read
+    assert floor.floor_bytes(d, {"axes": {"batch_size": 4096}}, 16 << 20) == read + written - (16 << 20)
+    assert floor.floor_bytes(d, {"axes": {"batch_size": 4096}}) == read + written
 
 
 def test_input_sets_fill_the_budget_on_a_gpu_and_stay_three_on_a_cpu():
@@ -485,7 +491,7 @@ def _analyzer(workspace, device: str):
     run = object.__new__(bench.BenchRun)
     run.ws, run.pol, run.device = workspace, workspace.policy, device
     run.definition = workspace.definition()
-    run.launch_gap_us = 0.0
+    run.launch_gap_us, run.l2_bytes = 0.0, 0
     return run
 
 
@@ -713,6 +719,7 @@ async def test_the_launch_gap_is_probed_in_fresh_trusted_processes_that_are_gone
         assert out["workloads"][0]["launch_gap_us"] == cal["launch_gap_us"]
     else:
         assert "launch_gap_us" not in cal and cal["launch_gap_error"].count("no figure") == bench.GAP_PROCESSES, cal
+        assert out["workloads"][0]["launch_gap_us"] == 0.0
 
 
 def test_rules_floor_interference_side_stream_and_sleep(workspace):
@@ -727,6 +734,13 @@ def test_rules_floor_interference_side_stream_and_sleep(workspace):
     assert "physical floor" in r["evidence"] and "speedup" not in r
     honest = [50.0 + 0.01 * i for i in range(100)]
     assert gpu._analyze(_state(big, [60.0] * 100, honest), bw)["status"] == "PASSED"
+    # With a 50 MB L2, 50 MB of the output may still be there when the kernel ends: a lower floor.
+    gpu.l2_bytes = 50 << 20
+    r = gpu._analyze(_state(big, [60.0] * 100, [28.0 + 0.01 * i for i in range(100)]), bw)
+    assert r["status"] == "PASSED" and r["floor_us"] == pytest.approx((nbytes - (50 << 20)) / 3.6e6)
+    r = gpu._analyze(_state(big, [60.0] * 100, fast), bw)
+    assert r["status"] == "BELOW_PHYSICAL_FLOOR" and "bytes to or from memory" in r["evidence"]
+    gpu.l2_bytes = 0
     # The baseline beside the candidate runs far slower than alone: interference, not speedup.
     r = gpu._analyze(_state(small, [10.0 + 0.01 * i for i in range(100)], [4.0] * 100,
                             clean=[5.0 + 0.01 * i for i in range(100)]), bw)
