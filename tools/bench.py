@@ -902,8 +902,8 @@ class BenchRun:
             if fl is not None and c_span < fl:
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
                         f"median device time {c_span:.3f} us is below the physical floor {fl:.3f} us ({nbytes} bytes "
-                        f"{'to or from memory ' if self.l2_bytes else ''}at the measured copy bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have "
-                        "been done")
+                        f"{'to or from memory ' if self.l2_bytes else ''}at the measured copy bandwidth "
+                        f"{bw['bytes_per_s'] / 1e9:.1f} GB/s): the work cannot have been done")
         out.update(status=st.status, check=st.check, evidence=st.evidence, alerts=st.alerts,
                    notes=st.notes[:20], timed_checks=st.timed_checks,
                    samples={"clean": _r(st.clean), "baseline": _r(st.base), "candidate": _r(st.cand),

@@ -3,12 +3,14 @@
 Bytes: every input tensor read once and every output written once, from the definition's
 shapes and dtypes; on a GPU, less the outputs its L2 can hold. L2 is write-back: a kernel ends
 with its last writes in L2, and they reach memory after its span (the harness flushes L2 before
-every timed call, so the inputs must come from memory). On an H100 a Triton RMSNorm of 4096 x 4096
-fp16 (67 MB in and out) took 18.75 us: 3.58 TB/s, above the 3.35 TB/s of HBM3, and 1.23 times
-the measured copy bandwidth; its 34 MB of output fits in the 50 MB L2. Bandwidth: the device's measured copy bandwidth (bytes read plus written
-per second), measured once per device and kept in the store as a run of kind `calibration`
-(with the device's launch gap, which the benchmark adds to its spans) under a cache key per
-device. A latency below `bytes / bandwidth` cannot be real.
+every timed call, so the inputs must come from memory). On an H100 a Triton RMSNorm of
+4096 x 4096 fp16 (67 MB in and out) took 18.75 us: 3.58 TB/s, above the 3.35 TB/s of HBM3 and
+1.23 times the measured copy bandwidth; its 34 MB of output fits in the 50 MB L2.
+
+Bandwidth: the device's measured copy bandwidth (bytes read plus written per second), measured
+once per device and kept in the store as a run of kind `calibration` (with the device's launch
+gap, which the benchmark adds to its spans) under a cache key per device. A latency below
+`bytes / bandwidth` cannot be real.
 
 On a CPU the caches are not flushed between iterations, so the floor is only applied where
 the data is larger than twice the last-level cache.
