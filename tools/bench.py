@@ -435,7 +435,7 @@ class BenchRun:
                                  baseline=base_desc, safetensors_root=str(self.ws.task_dir))
         self.loaded[self.ref_dir.name] = True
         device_key = self._device_key(lease, t_env)
-        self.l2_bytes = int(t_env.get("l2_bytes") or 0) if self.device == "cuda" else 0
+        self.l2_bytes = int(t_env.get("l2_bytes") or 0)  # reported by GPU workers only
         # The launch gap is added to both sides' spans when both workers time with CUPTI; not where
         # events time the calls (their frame already carries more than that).
         traced = all(str(e.get("timing_mode", "")).startswith("CUPTI") for e in (t_env, c_env))
@@ -798,14 +798,17 @@ class BenchRun:
     # from the run's samples and independent of the others'.
     _SERIES_SEED = {"base": 0, "clean": 3, "clean_after": 5, "cand": 7}
 
+    def _latencies(self, st: WorkloadState, series: str) -> list[float]:
+        """One of `st`'s sample series (`base` beside the candidate, `clean` alone before it was
+        loaded, `clean_after` alone after its worker exited, `cand`) as latencies: each device
+        span plus the launch gap."""
+        return [x + self.launch_gap_us for x in getattr(st, series)]
+
     def _latency_ci(self, st: WorkloadState, series: str) -> Any:
-        """The median interval of one of `st`'s sample series (`base` beside the candidate, `clean`
-        alone before it was loaded, `clean_after` alone after its worker exited, `cand`), launch
-        gap included."""
+        """The median interval of one of `st`'s series of latencies."""
         from . import stats
 
-        return stats.median_ci([x + self.launch_gap_us for x in getattr(st, series)],
-                               seed=self._wl_seed(st) + self._SERIES_SEED[series])
+        return stats.median_ci(self._latencies(st, series), seed=self._wl_seed(st) + self._SERIES_SEED[series])
 
     def _suspects(self) -> list[WorkloadState]:
         """Workloads whose baseline ran markedly slower beside the candidate than alone before it
@@ -827,7 +830,6 @@ class BenchRun:
             # A latency is the call's device span plus the launch gap it waited in the stream
             # (zero where events time the calls, whose frame already carries more than that).
             gap = self.launch_gap_us
-            base, cand = [x + gap for x in st.base], [x + gap for x in st.cand]
             b, c = self._latency_ci(st, "base"), self._latency_ci(st, "cand")
             c_span = c.value - gap  # the work itself: what the floor judges
             out.update(baseline_us=b.value, baseline_ci_us=b.as_list(), candidate_us=c.value,
@@ -835,7 +837,8 @@ class BenchRun:
             # Counted, not read off the median: a grouped median (stats) of mostly empty spans is
             # a fraction of a tick above zero.
             if 2 * sum(1 for x in st.cand if x <= 0) <= len(st.cand):
-                sp, reps = stats.speedup_ci(base, cand, seed=seed + 13)
+                sp, reps = stats.speedup_ci(self._latencies(st, "base"), self._latencies(st, "cand"),
+                                            seed=seed + 13)
                 out.update(speedup=sp.value, speedup_ci=sp.as_list())
             else:  # more than half the timed calls ran nothing on the device
                 st.fail("BELOW_PHYSICAL_FLOOR", "physical_floor",
