@@ -32,7 +32,7 @@ NOWIKI="--ignore=tests/test_wiki_schema.py --ignore=tests/test_wiki_search.py --
 for step in $STEPS; do
   echo "=== $step"
   case $step in
-    gputests) timeout ${GPUTESTS_TIMEOUT:-300} python3 -m pytest -q -rs -m gpu -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    gputests) timeout ${GPUTESTS_TIMEOUT:-360} python3 -m pytest -q -rs -m gpu -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     benchtests) timeout ${BENCHTESTS_TIMEOUT:-330} python3 -m pytest -q -rf -p no:cacheprovider ${BENCHTESTS_FILES:-tests/test_bench.py tests/adversarial} 2>&1 | tee "$OUT/bench_tests.log" | tail -30 ;;
     attacks) timeout 240 python3 -m pytest -q -vv -p no:cacheprovider tests/test_bench_gpu.py tests/adversarial tests/test_exchange_and_trace.py -k "${ATTACKS:-torch_fallback or gpu_attack or rmsnorm_on_all}" 2>&1 | tee "$OUT/attack_tests.log" | tail -15 ;;
     alltests) timeout 500 python3 -m pytest -q -p no:cacheprovider $NOWIKI tests 2>&1 | tee "$OUT/all_tests.log" | tail -40 ;;
