@@ -103,12 +103,14 @@ def benchmark_output(rec: dict[str, Any], job_id: str) -> BenchmarkOutput:
 
 
 def _detail(rec: dict[str, Any]) -> str:
+    from kda.tools.bench import fmt_speedup
+
     lines = []
     for w in rec.get("workloads", [])[:20]:
         ax = ",".join(f"{k}={v}" for k, v in w.get("axes", {}).items())
         if w["status"] == "PASSED" and w.get("speedup") is not None:
             lines.append(f"{w['uuid'][:8]} {ax}: {w['candidate_us']:.2f} us vs {w['baseline_us']:.2f} us -> "
-                         f"{w['speedup']:.3f}x [{w['speedup_ci'][0]:.3f}, {w['speedup_ci'][1]:.3f}]")
+                         f"{fmt_speedup(w['speedup'])}x [{fmt_speedup(w['speedup_ci'][0])}, {fmt_speedup(w['speedup_ci'][1])}]")
         else:
             lines.append(f"{w['uuid'][:8]} {ax}: {w['status']} ({w.get('check')}): {w.get('evidence', '')[:300]}")
     if len(rec.get("workloads", [])) > 20:

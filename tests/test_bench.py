@@ -188,6 +188,19 @@ def test_input_sets_fill_the_budget_on_a_gpu_and_stay_three_on_a_cpu():
     assert bench.input_sets(d, small, "cpu") == bench.input_sets(d, large, "cpu") == bench.MIN_SETS
 
 
+def test_headline_shows_speedups_and_intervals_to_the_same_digits():
+    def rec(mean, mean_ci, geo, geo_ci):
+        return {"status": "PASSED", "device": "cpu", "baseline": "reference", "workloads": [],
+                "aggregate": {"passed": 2, "total": 2, "mean_speedup": mean, "mean_speedup_ci": mean_ci,
+                              "geomean_speedup": geo, "geomean_speedup_ci": geo_ci}}
+
+    slow = bench.headline_for(rec(0.00912, [0.00871, 0.00958], 0.0091, [0.0087, 0.0095]))
+    assert "mean speedup 0.00912x [0.00871, 0.00958]" in slow
+    assert "geomean 0.0091x [0.0087, 0.0095]" in slow
+    fast = bench.headline_for(rec(1.25, [1.2, 1.3125], 1.5, [1.4375, 1.5625]))
+    assert "mean speedup 1.250x [1.200, 1.312]" in fast and "geomean 1.500x [1.438, 1.562]" in fast
+
+
 def test_bad_requests_are_refused_before_anything_runs(workspace):
     with pytest.raises(PathRefused):
         bench.prepare(workspace, "task", None, "all", "quick", "writer")

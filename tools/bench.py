@@ -1044,8 +1044,14 @@ def _r(xs: list[float]) -> list[float]:
     return [round(x, 4) for x in xs]
 
 
+def fmt_speedup(v: float) -> str:
+    # Three decimals read well from 0.1x up; below that (a CPU run against a compiled reference)
+    # they keep one significant digit and hide the interval, so keep three significant digits.
+    return f"{v:.3f}" if abs(v) >= 0.1 else f"{v:.3g}"
+
+
 def _fmt_ci(ci: list[float] | None) -> str:
-    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return f"[{fmt_speedup(ci[0])}, {fmt_speedup(ci[1])}]" if ci else ""
 
 
 def headline_for(rec: dict[str, Any]) -> str:
@@ -1053,12 +1059,12 @@ def headline_for(rec: dict[str, Any]) -> str:
     n, total = agg["passed"], agg["total"]
     dev = rec["device"]
     if rec["status"] == "PASSED":
-        return (f"PASSED {n}/{total} workloads on {dev}: mean speedup {agg['mean_speedup']:.3f}x "
-                f"{_fmt_ci(agg.get('mean_speedup_ci'))}, geomean {agg['geomean_speedup']:.3f}x "
+        return (f"PASSED {n}/{total} workloads on {dev}: mean speedup {fmt_speedup(agg['mean_speedup'])}x "
+                f"{_fmt_ci(agg.get('mean_speedup_ci'))}, geomean {fmt_speedup(agg['geomean_speedup'])}x "
                 f"{_fmt_ci(agg.get('geomean_speedup_ci'))} vs {rec['baseline']}")
     first = next((r for r in rec["workloads"] if r["status"] == rec["status"]), None)
     why = f"; {first['uuid'][:8]}: {first['check']}: {first['evidence'][:160]}" if first else ""
-    part = (f" (passed ones: mean {agg['mean_speedup']:.3f}x)" if n and "mean_speedup" in agg else "")
+    part = (f" (passed ones: mean {fmt_speedup(agg['mean_speedup'])}x)" if n and "mean_speedup" in agg else "")
     return f"{rec['status']}: {n}/{total} workloads passed on {dev}{part}{why}"
 
 
