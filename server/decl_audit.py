@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
-from kda.tools.errors import LockMismatch
+from kda.tools.errors import BadInput, LockMismatch
 
-from .toolkit import CallContext, Page, Reply, tool
+from .toolkit import REGISTRY, CallContext, Page, Reply, tool
 
 
 class AuditLogInput(Page):
@@ -23,12 +24,15 @@ class AuditLogInput(Page):
         if v is None:
             return v
         try:
-            float(v)
+            seconds = float(v)
         except ValueError:
             try:
                 datetime.fromisoformat(v)
             except ValueError:
                 raise ValueError(f"since {v!r} is neither ISO 8601 nor Unix seconds") from None
+            return v
+        if not math.isfinite(seconds):
+            raise ValueError(f"since {v!r} is not a finite number of seconds")
         return v
 
 
@@ -65,7 +69,14 @@ def audit_log(call: CallContext, args: AuditLogInput) -> Reply[AuditLogOutput]:
     """List audit entries (oldest first) with filters and pagination. Each entry records role,
     session, tool, an argument digest, the outcome, and the files under work/ that changed since
     the previous entry (sha256 before/after) — which role changed which file."""
+    roles = sorted({*call.ws.policy.roles, "person"})
+    if args.role is not None and args.role not in roles:
+        raise BadInput(f"role {args.role!r}: no such role; roles: {', '.join(roles)}")
     rows, total = call.ws.audit.entries(args.tool, args.role, _since_ts(args.since), args.offset, args.limit)
+    if args.tool is not None and not total and args.tool not in REGISTRY:
+        raise BadInput(f"tool {args.tool!r}: no such tool and no entries under that name; tools: "
+                       f"{', '.join(sorted(REGISTRY))}")
+    args.check_start(total, "matching entries")
     entries = [
         AuditEntry(seq=r["seq"], time=datetime.fromtimestamp(r["ts"]).isoformat(timespec="seconds"), role=r["role"],
                    session=r["session"], tool=r["tool"], args_digest=r["args_digest"], outcome=r["outcome"],

@@ -28,8 +28,10 @@ class _CandidateArgs(BaseModel):
     @field_validator("workloads")
     @classmethod
     def _wl(cls, v: WorkloadsArg) -> WorkloadsArg:
-        if isinstance(v, str) and not (v == "all" or v.startswith("sample:")):
-            raise ValueError("use 'all', 'sample:N' or a list of workload uuids")
+        if isinstance(v, str):
+            v = v.strip()
+            if not (v == "all" or v.startswith("sample:")):
+                raise ValueError("use 'all', 'sample:N' or a list of workload uuids")
         return v
 
 
@@ -187,7 +189,7 @@ async def benchmark(call: CallContext, args: BenchmarkInput) -> Reply[BenchmarkO
 
 # --- job_status ---------------------------------------------------------------------------------------
 class JobStatusInput(BaseModel):
-    job_id: str = Field(description="The job id a benchmark or verify call returned.")
+    job_id: str = Field(max_length=200, description="The job id a benchmark or verify call returned.")
 
 
 class JobStatusOutput(BaseModel):
@@ -229,7 +231,7 @@ def job_status(call: CallContext, args: JobStatusInput) -> Reply[JobStatusOutput
 
 # --- show_run -----------------------------------------------------------------------------------------
 class ShowRunInput(Page):
-    run_id: str = Field(description="A run id (from benchmark, verify, compile, profile ...).")
+    run_id: str = Field(max_length=200, description="A run id (from benchmark, verify, compile, profile ...).")
     include_samples: bool = Field(False, description="Include the raw latency samples of each workload.")
     include_logs: bool = Field(False, description="Include the workers' log tails.")
 
@@ -263,6 +265,8 @@ def show_run(call: CallContext, args: ShowRunInput) -> Reply[ShowRunOutput]:
     rec = dict(run["record"])
     key = next((k for k in _LIST_KEYS if isinstance(rec.get(k), list)), None)
     items = rec.pop(key) if key else []
+    if key:
+        args.check_start(len(items), key)
     if not args.include_logs:
         rec.pop("logs", None)
     page = items[args.offset: args.offset + args.limit]

@@ -56,6 +56,7 @@ def task_info(call: CallContext, args: TaskInfoInput) -> Reply[TaskInfoOutput]:
         for k, v in w.get("axes", {}).items():
             lo, hi = ranges.get(k, [v, v])
             ranges[k] = [min(lo, v), max(hi, v)]
+    args.check_start(len(wls), "workloads")
     page = wls[args.offset : args.offset + args.limit]
     rows = [
         WorkloadRow(uuid=w["uuid"], axes=w.get("axes", {}),

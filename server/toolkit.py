@@ -10,9 +10,12 @@ lock-checked when it measures/records/verifies, audited, and answered with a sho
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import json
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Awaitable, Callable, Generic, TypeVar
 
@@ -22,7 +25,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from kda.tools.errors import KdaError, LockMismatch, RoleDenied
+from kda.tools.errors import BadInput, KdaError, LockMismatch, RoleDenied
 from kda.tools.workspace import Workspace
 
 OutT = TypeVar("OutT", bound=BaseModel)
@@ -118,6 +121,12 @@ class Page(BaseModel):
     offset: int = Field(0, ge=0, description="Index of the first item to return.")
     limit: int = Field(50, ge=1, le=500, description="Most items to return.")
 
+    def check_start(self, total: int, what: str) -> None:
+        """Refuse an offset past the end: an empty page would read as 'there is nothing'."""
+        if self.offset and self.offset >= total:
+            there = f"{total} {what} (offsets 0..{total - 1})" if total else f"there are no {what}"
+            raise BadInput(f"offset {self.offset} is past the end: {there}")
+
 
 def _signature_for(model: type[BaseModel], output: type[BaseModel]) -> inspect.Signature:
     params = []
@@ -129,10 +138,55 @@ def _signature_for(model: type[BaseModel], output: type[BaseModel]) -> inspect.S
     return inspect.Signature(params, return_annotation=Annotated[CallToolResult, output])
 
 
+def _shown(value: Any, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars)"
+
+
 def _format_validation(e: ValidationError) -> str:
-    return "invalid arguments: " + "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in e.errors()
-    )
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            parts.append(f"{where}: required")
+        else:
+            parts.append(f"{where}: {msg} (got {_shown(err.get('input'))})")
+    return "invalid arguments: " + "; ".join(parts)
+
+
+def argument_problem(model: type[BaseModel], raw: Any) -> str | None:
+    """What is wrong with a call's raw arguments for this input model, in words; None if nothing.
+
+    Runs before the SDK's own argument model, which drops unknown keys (a misspelt `workloads`
+    would silently mean all workloads) and answers range errors with a pydantic dump.
+    """
+    if not isinstance(raw, dict):
+        return f"invalid arguments: expected an object of named parameters, got {_shown(raw)}"
+    fields = model.model_fields
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            near = difflib.get_close_matches(str(k), list(fields), n=1)
+            hints.append(f"{_shown(k, 40)}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        known = ", ".join(fields) or "none"
+        return f"invalid arguments: unknown parameter {', '.join(hints)}; this tool takes: {known}"
+    # As the SDK does: a list or object sent as a JSON string (some clients do) is parsed first.
+    parsed = dict(raw)
+    for k, v in raw.items():
+        if isinstance(v, str) and fields[k].annotation is not str:
+            try:
+                value = json.loads(v)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, (list, dict)):
+                parsed[k] = value
+    try:
+        model.model_validate(parsed)
+    except ValidationError as e:
+        return _format_validation(e)
+    return None
 
 
 def _make_entry(spec: ToolSpec, ws: Workspace, role: str, session: str) -> Callable[..., Any]:
@@ -198,6 +252,33 @@ def sync_handler(fn: Callable[[CallContext, Any], Reply[Any]]) -> Callable[[Call
     return run
 
 
+def _call_gate(ws: Workspace, role: str, session: str, exposed: list[str]) -> Callable[..., Any]:
+    """Server middleware for `tools/call`: a call to a tool this role does not have, or with
+    arguments its input model refuses, is answered here in words and audited, like every call."""
+
+    async def gate(ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        params = ctx.params if ctx.method == "tools/call" else None
+        if not isinstance(params, Mapping) or not isinstance(params.get("name"), str):
+            return await call_next(ctx)
+        name, raw = params["name"], params.get("arguments") or {}
+        if name in exposed:
+            problem = argument_problem(REGISTRY[name].input_model, raw)
+            if problem is None:
+                return await call_next(ctx)
+        else:
+            spec = REGISTRY.get(name)
+            owners = sorted(r for r in ws.policy.roles if spec and name in ws.policy.tools_for(r) and r in spec.roles)
+            problem = (f"{name!r} is a {'/'.join(owners)} tool; this server's role is {role!r}" if owners
+                       else f"unknown tool {_shown(name, 60)}") + f" (tools here: {', '.join(exposed)})"
+        label = name if len(name) <= 60 else name[:60] + "..."
+        text = f"Error executing tool {label}: {problem}"
+        args = dict(raw) if isinstance(raw, Mapping) else {"arguments": raw}
+        await anyio.to_thread.run_sync(lambda: ws.audit.append(role, session, name[:100], args, f"error: {problem}"))
+        return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+
+    return gate
+
+
 def register_tools(server: MCPServer, ws: Workspace, role: str, session: str) -> list[str]:
     granted = ws.policy.tools_for(role)
     exposed = []
@@ -216,4 +297,5 @@ def register_tools(server: MCPServer, ws: Workspace, role: str, session: str) ->
             structured_output=True,
         )
         exposed.append(name)
+    server.middleware.append(_call_gate(ws, role, session, exposed))
     return exposed

@@ -146,6 +146,9 @@ def test_workload_selection(workspace):
     for bad in ("sample:0", "sample:x", "some", ["nope"], []):
         with pytest.raises(BadInput):
             bench.select_workloads(d, wls, bad)
+    with pytest.raises(BadInput, match="listed more than once"):
+        bench.select_workloads(d, wls, [BATCH1, BATCH2, BATCH1])
+    assert bench.select_workloads(d, wls, " all ")[1] == "all"
 
 
 def test_the_checked_output_is_a_timed_one_of_the_block_on_a_set_called_before():
@@ -282,6 +285,8 @@ async def test_python_candidate_end_to_end(workspace):
         assert workspace.store.list_runs(kind="calibration")
         r = await client.call_tool("show_run", {"run_id": "run_nope"})
         assert r.is_error and "no run" in r.content[0].text
+        r = await client.call_tool("show_run", {"run_id": run_id, "offset": 2})
+        assert r.is_error and "offset 2 is past the end: 2 workloads (offsets 0..1)" in r.content[0].text
     # Workers' scratch directories are gone; nothing of the run lingers outside the store (but the
     # empty directories of a spare worker pair waiting for the next run, where the policy starts one).
     from kda.tools.bench_workers import spares

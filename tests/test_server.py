@@ -36,6 +36,54 @@ async def test_reviewer_sees_only_read_only_tools(workspace, mode):
         for writer_tool in ("compile", "benchmark", "record_candidate", "profile"):
             r = await c.call_tool(writer_tool, {})
             assert r.is_error and writer_tool in r.content[0].text
+        r = await c.call_tool("benchmark", {"path": "work/x"})
+        assert "'benchmark' is a writer tool; this server's role is 'reviewer'" in r.content[0].text
+    rows, total = workspace.audit.entries(tool="benchmark", role="reviewer")
+    assert total == 2 and all(e["outcome"].startswith("error: 'benchmark' is a writer tool") for e in rows)
+
+
+async def test_pages_and_filters_past_what_exists_are_named(workspace):
+    async with mcp_client(workspace, "reviewer") as c:
+        r = await c.call_tool("task_info", {"offset": 14})
+        assert r.is_error and "offset 14 is past the end: 14 workloads (offsets 0..13)" in r.content[0].text
+        assert not (await c.call_tool("task_info", {"offset": 13})).is_error
+        for args, words in [({"role": "admin"}, "role 'admin': no such role; roles: person, reviewer, writer"),
+                            ({"tool": "no_such_tool"}, "tool 'no_such_tool': no such tool"),
+                            ({"since": "nan"}, "since 'nan' is not a finite number of seconds"),
+                            ({"since": "inf"}, "since 'inf' is not a finite number of seconds"),
+                            ({"offset": 500}, "offset 500 is past the end")]:
+            r = await c.call_tool("audit_log", args)
+            assert r.is_error and words in r.content[0].text, (args, r.content[0].text)
+        r = await c.call_tool("audit_log", {"tool": "benchmark"})  # a real tool never called: empty, fine
+        assert not r.is_error and r.structured_content["total"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_bad_arguments_are_refused_in_words_before_anything_runs_and_audited(workspace, mode):
+    async with mcp_client(workspace, "writer", mode) as c:
+        # A misspelt parameter must not quietly fall back to its default (here: all 14 workloads).
+        typo = await c.call_tool("benchmark", {"path": "work/x", "workload": ["f768064f"], "wait_s": 0})
+        assert typo.is_error
+        assert "unknown parameter 'workload' (did you mean 'workloads'?)" in typo.content[0].text
+        cases = {
+            ("benchmark", "mode"): ({"path": "work/x", "mode": "slow"}, "mode: Input should be 'quick' or 'full' (got 'slow')"),
+            ("benchmark", "wait_s"): ({"path": "work/x", "wait_s": -1}, "wait_s: Input should be greater than or equal to 0 (got -1)"),
+            ("benchmark", "workloads"): ({"path": "work/x", "workloads": "ALL"}, "(got 'ALL')"),
+            ("job_status", "job_id"): ({}, "job_id: required"),
+            ("task_info", "limit"): ({"limit": 10**9}, "limit: Input should be less than or equal to 500 (got 1000000000)"),
+        }
+        for (tool, _), (args, words) in cases.items():
+            r = await c.call_tool(tool, args)
+            assert r.is_error and r.content[0].text.startswith(f"Error executing tool {tool}: invalid arguments: ")
+            assert words in r.content[0].text, r.content[0].text
+        huge = await c.call_tool("show_run", {"run_id": 7, "limit": "many"})
+        assert huge.is_error and "(got 'many')" in huge.content[0].text
+        # A list sent as a JSON string is still read as a list, as the SDK reads it: the call gets
+        # past the arguments to the missing candidate.
+        listed = await c.call_tool("benchmark", {"path": "work/x", "workloads": '["f768064f-9585-47ad-a39e-ed24c2c063fe"]'})
+        assert listed.is_error and "work/x does not exist" in listed.content[0].text, listed.content[0].text
+    rows, total = workspace.audit.entries(role="writer", limit=50)
+    assert total == 8 and sum(e["outcome"].startswith("error: invalid arguments") for e in rows) == 7
 
 
 async def test_a_tool_entry_rechecks_the_role_on_every_call(workspace):

@@ -138,7 +138,10 @@ def select_workloads(definition: dict[str, Any], workloads: list[dict[str, Any]]
             raise BadInput(f"unknown workload uuid(s) {unknown[:5]}; see task_info for the list")
         if not spec:
             raise BadInput("workloads: the list of uuids is empty")
-        return [by_id[u] for u in dict.fromkeys(spec)], f"{len(spec)} listed"
+        repeated = [u for u in dict.fromkeys(spec) if spec.count(u) > 1]
+        if repeated:
+            raise BadInput(f"workloads: uuid(s) listed more than once: {repeated[:5]}; list each once")
+        return [by_id[u] for u in spec], f"{len(spec)} listed"
     s = spec.strip()
     if s == "all":
         return list(workloads), "all"
