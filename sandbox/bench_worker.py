@@ -40,6 +40,7 @@ _PROTO_FD = os.dup(1)
 os.dup2(2, 1)
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -129,8 +130,13 @@ class _Guard:
                     "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
     SOURCE_READ_EVENTS = {"shutil.copyfile", "os.link", "os.symlink"}
 
-    def __init__(self, protected: list[str], reference_files: list[str]):
+    HOOK_EVENTS = {"sys.addaudithook": "an audit hook", "sys.setprofile": "a profile function",
+                   "sys.settrace": "a trace function"}
+
+    def __init__(self, protected: list[str], reference_files: list[str], candidate_dirs: list[str]):
         self.protected = [os.path.abspath(p) for p in protected]
+        self.candidate_dirs = [os.path.realpath(d) for d in candidate_dirs]
+        self.quiet = False  # set while the harness itself starts or stops the device tracer
         # The worker's own job dir (its cwd and HOME: caches such as Triton's live there) sits under
         # the workspace's .kda/ but belongs to the candidate.
         self.allowed = [os.path.abspath(os.getcwd())]
@@ -148,7 +154,12 @@ class _Guard:
         except Exception:
             return None
         for c in cands:
-            if any(c == ok or c.startswith(ok + os.sep) for ok in self.allowed):
+            # Plain loops, not any(): the candidate may have replaced builtins (reported separately).
+            mine = False
+            for ok in self.allowed:
+                if c == ok or c.startswith(ok + os.sep):
+                    mine = True
+            if mine:
                 continue
             for prot in self.protected:
                 if c == prot or c.startswith(prot + os.sep):
@@ -185,12 +196,73 @@ class _Guard:
                         ALERTS.add("SANDBOX_VIOLATION", "protected_write",
                                    f"the candidate tried {event} on {hit} during the run (refused)")
                         raise PermissionError(f"kda sandbox: {hit} is protected during a run")
+            elif event in self.HOOK_EVENTS:
+                if not self.quiet:
+                    ALERTS.add("TIMING_TAMPERED", "hooks",
+                               f"the candidate installed {self.HOOK_EVENTS[event]} ({event}): code of its own "
+                               "that would run inside the harness's timing and checks")
+                    if event == "sys.addaudithook":
+                        raise RuntimeError("kda sandbox: no audit hooks during a run")  # the hook is not added
+            elif event == "sys._getframe":
+                frame = args[0] if args else None
+                if frame is not None and _is_harness_file(frame.f_code.co_filename):
+                    asker = sys._getframe(1).f_code.co_filename  # the code that called sys._getframe
+                    if self._is_candidate_file(asker):
+                        ALERTS.add("TIMING_TAMPERED", "introspection",
+                                   f"the candidate read the harness's frame ({frame.f_code.co_name} in "
+                                   f"{os.path.basename(frame.f_code.co_filename)}): its locals say which calls "
+                                   "are timed and checked")
             elif event in ("gc.get_objects", "gc.get_referrers", "gc.get_referents"):
                 msg = f"the candidate called {event} (heap introspection)"
                 if msg not in NOTES:
                     NOTES.append(msg)
         finally:
             self.busy.on = False
+
+
+    @functools.lru_cache(maxsize=4096)
+    def _is_candidate_file(self, filename: str) -> bool:
+        try:
+            real = os.path.realpath(filename)
+        except Exception:
+            return False
+        for d in self.candidate_dirs:
+            if real == d or real.startswith(d + os.sep):
+                return True
+        return False
+
+
+def _python_threads() -> dict[int, str]:
+    """Every thread running Python code, by ident: threading's own and those started with _thread
+    (which threading.enumerate() does not list), each described by where it is."""
+    out = {t.ident: t.name for t in threading.enumerate() if t.ident is not None and t.is_alive()}
+    for ident, frame in sys._current_frames().items():
+        out.setdefault(ident, f"thread {ident} in {frame.f_code.co_name} "
+                              f"({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})")
+    return out
+
+
+_SANDBOX_DIR = os.path.dirname(os.path.realpath(H.__file__))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_harness_file(filename: str) -> bool:
+    return os.path.dirname(os.path.realpath(filename)) == _SANDBOX_DIR
+
+
+_GUARD: list = []  # the one guard, once armed (the harness quiets it around its own tracer)
+
+
+@contextmanager
+def _own_hooks():
+    """The harness starting or stopping its own device tracer is not the candidate's doing."""
+    for g in _GUARD:
+        g.quiet = True
+    try:
+        yield
+    finally:
+        for g in _GUARD:
+            g.quiet = False
 
 
 # --- the census of torch ops one call runs (to flag a torch fallback) -----------------------------
@@ -397,9 +469,11 @@ class Worker:
                 self.callee = self.reference
             return {"loaded": self.callee.label}
         # candidate: snapshot threads, arm the guard, import
-        self.py_threads_before = {t.ident for t in threading.enumerate()}
+        self.py_threads_before = _python_threads()
         self.tids_before_import = H.os_thread_ids()
-        sys.addaudithook(_Guard(p.get("protect", []), p.get("reference_files", [])))
+        guard = _Guard(p.get("protect", []), p.get("reference_files", []), [p["dir"], str(Path.cwd() / "build")])
+        sys.addaudithook(guard)
+        _GUARD.append(guard)
         t0 = _perf()
         fn = H.load_entry(Path(p["dir"]), p["entry_point"], "kda_candidate", Path.cwd() / "build")
         self.callee = H.Callee(fn, bool(p["dps"]), self.definition, "candidate")
@@ -414,11 +488,12 @@ class Worker:
                        f"{name} is no longer the original function ({when}); the harness keeps timing with "
                        "the originals it captured before importing the candidate")
         if self.role == "candidate":
-            new_py = [t for t in threading.enumerate() if t.ident not in self.py_threads_before and t.is_alive()]
+            now = _python_threads()
+            new_py = {i: d for i, d in now.items() if i not in self.py_threads_before}
             if new_py and when != "import":
                 ALERTS.add("TIMING_TAMPERED", "threads",
                            f"{len(new_py)} Python thread(s) started by the candidate are alive after {when}: "
-                           + ", ".join(sorted(t.name for t in new_py))[:200])
+                           + ", ".join(sorted(new_py.values()))[:200])
 
     # -- workloads
     def prepare(self, p: dict) -> dict:
@@ -562,7 +637,8 @@ class Worker:
         start_block = _perf()
         tracer = self.tracer
         if tracer is not None:
-            tracer.start()
+            with _own_hooks():
+                tracer.start()
         try:
             j, ev, host, covers, warm, left_threads = self._time_loop(p, sl, start_block, tracer is not None)
         except BaseException:
@@ -574,7 +650,9 @@ class Worker:
         if tracer is not None:
             t0 = _perf()
             try:
-                spans = tracer.spans_us(tracer.stop(), j)
+                with _own_hooks():
+                    stopped = tracer.stop()
+                spans = tracer.spans_us(stopped, j)
                 timed = spans[len(warm):]
                 lat = [sp for sp, _, _ in timed]
                 trace_info = {"max_streams": max((ns for _, _, ns in spans), default=0),
@@ -798,6 +876,34 @@ def _jsonable(o):
     return str(o)
 
 
+def _identity_watch():
+    """A check, built before any candidate code runs, that everything the measurement calls is
+    still what it was: this module's functions, classes and objects and their methods, the other
+    sandbox modules' and the builtins. The candidate shares this interpreter, so rebinding any of
+    them (the saved timer, the output saver, ALERTS.add, harness.input_digest, builtins.any) would
+    change what the harness measures or reports. It lives in main()'s locals, not in a global."""
+    import builtins
+    import types
+
+    me = sys.modules[__name__]
+    spaces = {"": me, "harness.": H, "exchange.": exchange, "device_trace.": DT, "builtins.": builtins}
+    for cls in (Worker, Alerts, _Guard, Slots, Parts, H.Callee):
+        spaces[f"{cls.__qualname__}."] = cls
+    objects = (ALERTS, NOTES, _ORIGINALS, _GUARD)
+    snap = [(label + name, ns, name, v) for label, ns in spaces.items() for name, v in list(vars(ns).items())
+            if callable(v) or isinstance(v, types.ModuleType) or any(v is o for o in objects)]
+    alerts, alerts_fields = ALERTS, set(vars(ALERTS))
+    missing = object()
+
+    def changed() -> list[str]:
+        moved = [label for label, ns, name, v in snap if vars(ns).get(name, missing) is not v]
+        if set(vars(alerts)) != alerts_fields:
+            moved.append("ALERTS (an attribute set on the instance)")
+        return moved
+
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--role", choices=["trusted", "candidate"], required=True)
@@ -814,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = {"env": lambda p: w.env(), "load": w.load, "prepare": w.prepare, "release": w.release,
            "trial": w.trial, "check": w.check, "time": w.time_block, "save_slot": w.save_slot,
            "calibrate": w.calibrate, "sync": lambda p: (w.sync(), w._check_integrity("the baseline's turn"))[1] or {}}
+    identity_changed = _identity_watch() if a.role == "candidate" else (lambda: [])
+    alerts, drain, reported = ALERTS, Alerts.drain, set()
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()
@@ -844,7 +952,13 @@ def main(argv: list[str] | None = None) -> int:
                                                      "traceback": traceback.format_exc()[-4000:],
                                                      "fatal": _is_fatal(e)}}
         rep["op_s"] = _perf() - t_op
-        rep["alerts"] = ALERTS.drain()
+        rep["alerts"] = drain(alerts)
+        moved = [m for m in identity_changed() if m not in reported]
+        if moved:
+            reported.update(moved)
+            rep["alerts"].append({"status": "TIMING_TAMPERED", "check": "harness_identity",
+                                  "evidence": f"the candidate replaced what the harness runs on: "
+                                              f"{', '.join(moved[:8])}{' ...' if len(moved) > 8 else ''}"})
         if NOTES:
             rep["notes"] = list(NOTES)
             NOTES.clear()

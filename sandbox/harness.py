@@ -216,6 +216,11 @@ def normalize_result(definition: dict, workload: dict, result: Any, device: torc
 
     def as_tensor(v: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
+            # A subclass can run its own code (__torch_function__) whenever the harness reads the
+            # output, after the timer stopped: only plain tensors count as results.
+            if type(v) is not torch.Tensor:
+                raise TypeError(f"returned a {type(v).__module__}.{type(v).__qualname__}, a torch.Tensor "
+                                "subclass; outputs must be plain torch.Tensor")
             return v
         return torch.tensor(v, dtype=dtype, device=device)
 

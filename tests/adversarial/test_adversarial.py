@@ -35,6 +35,19 @@ CPU_CASES = {
     "lowered_precision": ("INCORRECT_NUMERICAL", "tolerance", "matched ratio"),
     "write_task": ("SANDBOX_VIOLATION", "protected_write", "policy.toml"),
     "sleep_warmup": ("TIMING_TAMPERED", "warmup_idle", "slept"),
+    # The candidate shares the worker's interpreter: hooks, frame reads and rebinding what the
+    # harness runs on are refused or reported.
+    "audit_hook_defer": ("TIMING_TAMPERED", "hooks", "audit hook"),
+    "setprofile_defer": ("TIMING_TAMPERED", "hooks", "profile function"),
+    "stale_timed_stack": ("TIMING_TAMPERED", "introspection", "harness's frame"),
+    "seed_precompute": ("TIMING_TAMPERED", "introspection", "harness's frame"),
+    "python_thread": ("TIMING_TAMPERED", "threads", "_helper"),
+    "lazy_subclass": ("RUNTIME_ERROR", "call", "torch.Tensor subclass"),
+    "patch_worker_perf": ("TIMING_TAMPERED", "harness_identity", "_perf"),
+    "patch_save_slot": ("TIMING_TAMPERED", "harness_identity", "_save"),
+    "patch_alerts_thread": ("TIMING_TAMPERED", "harness_identity", "ALERTS"),
+    "spoof_input_digest": ("TIMING_TAMPERED", "harness_identity", "harness.input_digest"),
+    "patch_builtins_any": ("TIMING_TAMPERED", "harness_identity", "builtins.any"),
 }
 
 
