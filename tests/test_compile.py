@@ -281,6 +281,19 @@ def test_tripwires_flag_cheats_with_file_and_line(workspace):
     assert all(h.file == "work/cheat/kernel.py" for h in hits)
     # A plain python candidate may use torch: no torch-fallback warnings there.
     assert not any(h.rule == "torch-fallback" for h in scan_candidate({"kernel.py": src}, "python", "work/p"))
+    # What the interpreter-sharing attacks need: hooks, frames, the worker's __main__.
+    sneaky = textwrap.dedent("""\
+        import sys
+        sys.setprofile(lambda *a: None)
+        caller = sys._getframe(1).f_back.f_locals
+        w = sys.modules["__main__"]
+
+        if __name__ == "__main__":
+            pass
+        """)
+    found = {(h.rule, h.line) for h in scan_candidate({"kernel.py": sneaky}, "python", "work/s")}
+    assert {("hooks", 2), ("introspection", 3), ("introspection", 4)} <= found
+    assert not any(line == 6 for _, line in found)  # a script's own entry-point guard is fine
     cu = '#include <cstdlib>\n// system("not code")\nvoid f() { system("curl x"); FILE* f = fopen("/etc/passwd", "w"); }\n'
     chits = scan_candidate({"k.cu": cu}, "cuda", "work/c")
     assert {(h.rule, h.line) for h in chits} >= {("network-or-subprocess", 3), ("write-outside", 3)}

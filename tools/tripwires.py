@@ -17,6 +17,9 @@ NETWORK_OR_PROCESS = {"socket", "subprocess", "urllib", "http", "requests", "htt
                       "telnetlib", "asyncio.subprocess", "pty", "multiprocessing.connection", "paramiko"}
 THREADING = {"threading", "multiprocessing", "concurrent", "_thread"}
 INTROSPECTION = {"gc", "ctypes", "inspect", "sys._getframe", "importlib", "builtins", "cffi", "pickle", "marshal"}
+HOOKS = {"sys.addaudithook", "sys.setprofile", "sys.settrace", "threading.setprofile", "threading.settrace",
+         "threading.setprofile_all_threads", "threading.settrace_all_threads"}
+FRAME_ATTRS = {"f_back", "f_locals", "f_globals", "tb_frame", "gi_frame", "cr_frame", "ag_frame"}
 TORCH_FALLBACK_ATTRS = {
     "matmul", "mm", "bmm", "addmm", "einsum", "softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm",
     "conv1d", "conv2d", "linear", "scaled_dot_product_attention", "baddbmm", "tensordot", "rsqrt", "sum", "mean",
@@ -52,6 +55,7 @@ def _root(mod: str) -> str:
 class _PyScan(ast.NodeVisitor):
     def __init__(self, file: str, language: str):
         self.file, self.language = file, language
+        self._in_main_guard = False
         self.hits: list[Tripwire] = []
         self.aliases: dict[str, str] = {}  # local name -> module dotted path
 
@@ -151,7 +155,34 @@ class _PyScan(ast.NodeVisitor):
             if full in ("sys._getframe", "sys.modules", "gc.get_objects", "gc.get_referrers", "inspect.stack",
                         "inspect.currentframe", "builtins.__dict__"):
                 self.hit(node, "introspection", f"uses {full}")
+            elif full in HOOKS:
+                self.hit(node, "hooks", f"uses {full}: its code would run inside the harness")
+        if node.attr in FRAME_ATTRS:
+            self.hit(node, "introspection", f"reads .{node.attr}: a frame's callers and locals are the harness's")
         self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if node.id == "__main__" or (node.id in self.aliases and self.aliases[node.id] == "__main__"):
+            self.hit(node, "introspection", "uses __main__ (in a benchmark, that is the harness's worker)")
+        self.generic_visit(node)
+
+    def visit_Constant(self, node: ast.Constant) -> None:
+        if node.value == "__main__" and not self._in_main_guard:
+            self.hit(node, "introspection", "names '__main__' (in a benchmark, that is the harness's worker)")
+        self.generic_visit(node)
+
+    def visit_If(self, node: ast.If) -> None:
+        # `if __name__ == "__main__":` is a script's own entry point, not a reach into the harness.
+        t = node.test
+        guard = (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__")
+        if guard:
+            self._in_main_guard = True
+            self.visit(node.test)
+            self._in_main_guard = False
+            for n in node.body + node.orelse:
+                self.visit(n)
+        else:
+            self.generic_visit(node)
 
 
 def scan_python(file: str, text: str, language: str) -> list[Tripwire]:
