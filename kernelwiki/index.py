@@ -835,6 +835,9 @@ class WikiIndex:
                 for rank, i in enumerate(self._dense_top(query, f, mask, min(CANDIDATES, n_ok))):
                     fused[i] = fused.get(i, 0.0) + DENSE_WEIGHT / (RRF_K + rank + 1)
             hits = self._collapse(fused, query, k)
+        if hits and mode == "hybrid" and not bm_rank:
+            notes.append("no word of the query occurs in the wiki: these hits are only the nearest by meaning, "
+                         "and may be weak")
         if not hits:
             notes.append("nothing matched; try other words or fewer filters")
         return SearchResult(query, hits, notes, f, n_ok)

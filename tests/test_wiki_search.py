@@ -83,6 +83,13 @@ def test_huge_query_is_truncated_with_a_note(full_index):
     assert len(res.query) <= 2000 and res.hits
 
 
+def test_a_query_with_no_word_in_the_wiki_says_its_hits_may_be_weak(full_index):
+    weak = full_index.search("qwzxvkj plorbtang", 3)
+    assert weak.hits and any("nearest by meaning" in n for n in weak.notes), weak.notes
+    strong = full_index.search("long scoreboard stalls in a paged gather", 3)
+    assert not any("nearest by meaning" in n for n in strong.notes), strong.notes
+
+
 @pytest.mark.parametrize("filters, needle", [
     ({"colour": "red"}, "unknown filter 'colour'"),
     ({"type": "tutorial"}, "unknown type 'tutorial'"),
