@@ -853,6 +853,34 @@ def test_a_finished_job_read_by_another_process_returns_its_record(workspace):
     assert out["result"]["run_id"] == job.run_id
 
 
+def test_a_running_job_of_another_live_server_is_running_and_one_of_a_dead_server_is_lost(workspace):
+    """The writer's server runs a benchmark while the reviewer's asks: running, not lost."""
+    import subprocess
+    import sys
+    import time
+
+    from kda.tools import jobs
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ids = {}
+        for name, token in (("live", jobs.process_token(other.pid)), ("gone", None)):
+            ids[name] = f"job_{name}"
+            with workspace.store.transaction() as db:
+                db.execute("INSERT INTO jobs(id, kind, role, state, created, updated, progress, owner)"
+                           " VALUES (?,?,?,?,?,?,?,?)", (ids[name], "benchmark", "writer", "running", time.time(),
+                                                          time.time(), '[{"done": 1, "total": 3, "message": "trials"}]',
+                                                          token))
+        assert jobs.get_job(workspace, ids["live"])["state"] == "running"
+        other.kill()
+        other.wait()
+        assert jobs.get_job(workspace, ids["live"])["state"] == "lost"
+        assert jobs.get_job(workspace, ids["gone"])["state"] == "lost"
+    finally:
+        if other.poll() is None:
+            other.kill()
+
+
 def _wait_for_spare(timeout: float = 240.0):
     import time
 

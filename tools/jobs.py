@@ -220,8 +220,8 @@ def start_job(ws: Workspace, role: str, kind: str,
     job = Job(id=new_id("job"), kind=kind, role=role, ws_root=ws.root)
     now = time.time()
     with ws.store.transaction() as db:
-        db.execute("INSERT INTO jobs(id, kind, role, state, created, updated, progress) VALUES (?,?,?,?,?,?,?)",
-                   (job.id, kind, role, "running", now, now, "[]"))
+        db.execute("INSERT INTO jobs(id, kind, role, state, created, updated, progress, owner) VALUES (?,?,?,?,?,?,?,?)",
+                   (job.id, kind, role, "running", now, now, "[]", process_token()))
     last_write = [0.0]
 
     def progress(done: float, total: float | None, message: str) -> None:
@@ -261,6 +261,36 @@ def start_job(ws: Workspace, role: str, kind: str,
     return job
 
 
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken
+    for the process that had it before."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_token(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_ticks(pid) or ''}"
+
+
+def process_alive(token: str | None) -> bool:
+    """Whether the process a job row names still runs (another server of this workspace, say the
+    writer's while the reviewer asks). Rows from before owners were recorded count as gone."""
+    if not token:
+        return False
+    pid_s, _, ticks = token.partition(":")
+    try:
+        os.kill(int(pid_s), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return not ticks or _start_ticks(int(pid_s)) == ticks
+
+
 def get_job(ws: Workspace, job_id: str) -> dict[str, Any]:
     """The job's state as this workspace records it (in-memory detail when this process runs it)."""
     with ws.store.connect() as db:
@@ -274,7 +304,7 @@ def get_job(ws: Workspace, job_id: str) -> dict[str, Any]:
     if job is not None and Path(job.ws_root) == ws.root:
         out.update(state=job.state, progress=job.progress[-50:], run_id=job.run_id, error=job.error,
                    result=job.result)
-    elif out["state"] == "running":
+    elif out["state"] == "running" and not process_alive(out.get("owner")):
         out["state"] = "lost"
         out["error"] = "the server process running this job has stopped; start the measurement again"
     if out["result"] is None and out.get("run_id") and out["state"] == "done":

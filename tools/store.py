@@ -86,6 +86,10 @@ class Store:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            # Added after the first release: which server process runs a job (workspaces made
+            # before it get the column on their next open).
+            if "owner" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
