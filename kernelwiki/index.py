@@ -836,7 +836,8 @@ class WikiIndex:
                     fused[i] = fused.get(i, 0.0) + DENSE_WEIGHT / (RRF_K + rank + 1)
             hits = self._collapse(fused, query, k)
         if hits and mode == "hybrid" and not bm_rank:
-            notes.append("no word of the query occurs in the wiki: these hits are only the nearest by meaning, "
+            where = "the pages these filters keep" if f else "the wiki"
+            notes.append(f"no word of the query occurs in {where}: these hits are only the nearest by meaning, "
                          "and may be weak")
         if not hits:
             notes.append("nothing matched; try other words or fewer filters")

@@ -12,7 +12,7 @@ from mcp.server.mcpserver import MCPServer
 
 from kda.tools.workspace import Workspace
 
-from .toolkit import register_tools
+from .toolkit import RoleServer, register_tools
 
 INSTRUCTIONS = {
     "writer": (
@@ -43,7 +43,7 @@ def build_server(ws: Workspace, role: str) -> tuple[MCPServer, list[str]]:
         raise PolicyError(f"{ws.policy_path}: policy defines no role {role!r}; roles: {sorted(ws.policy.roles)}")
     load_declarations()
     session = f"{role}-{os.getpid()}-{secrets.token_hex(4)}"
-    server = MCPServer(name=f"kda-{role}", version="0.1.0", instructions=INSTRUCTIONS[role], log_level="WARNING")
+    server = RoleServer(name=f"kda-{role}", version="0.1.0", instructions=INSTRUCTIONS[role], log_level="WARNING")
     exposed = register_tools(server, ws, role, session)
 
     @server.resource("kda://task", name="task", description="The task: definition and workloads.",

@@ -180,7 +180,7 @@ def argument_problem(model: type[BaseModel], raw: Any) -> str | None:
                 value = json.loads(v)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(value, (list, dict)):
+            if not isinstance(value, (str, int, float)):  # the SDK's rule: lists, objects, null
                 parsed[k] = value
     try:
         model.model_validate(parsed)
@@ -252,34 +252,42 @@ def sync_handler(fn: Callable[[CallContext, Any], Reply[Any]]) -> Callable[[Call
     return run
 
 
-def _call_gate(ws: Workspace, role: str, session: str, exposed: list[str]) -> Callable[..., Any]:
-    """Server middleware for `tools/call`: a call to a tool this role does not have, or with
-    arguments its input model refuses, is answered here in words and audited, like every call."""
+class RoleServer(MCPServer):
+    """The MCP server of one role. Its `tools/call` first asks `gate` (set by `register_tools`):
+    a call to a tool this role does not have, or with arguments the tool's input model refuses, is
+    refused in words and audited. Done here rather than in middleware, so the SDK's own checks
+    (an uninitialized session) and its shaping of replies still apply."""
 
-    async def gate(ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-        params = ctx.params if ctx.method == "tools/call" else None
-        if not isinstance(params, Mapping) or not isinstance(params.get("name"), str):
-            return await call_next(ctx)
-        name, raw = params["name"], params.get("arguments") or {}
+    gate: Callable[[str, Any], Awaitable[str | None]] | None = None
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        if self.gate is not None:
+            refusal = await self.gate(name, arguments)
+            if refusal is not None:
+                raise ToolError(refusal)
+        return await super().call_tool(name, arguments, context)
+
+
+def _call_gate(ws: Workspace, role: str, session: str, exposed: list[str]) -> Callable[..., Any]:
+    async def gate(name: str, raw: Any) -> str | None:
         if name in exposed:
-            problem = argument_problem(REGISTRY[name].input_model, raw)
+            problem = argument_problem(REGISTRY[name].input_model, raw if raw is not None else {})
             if problem is None:
-                return await call_next(ctx)
+                return None
         else:
             spec = REGISTRY.get(name)
             owners = sorted(r for r in ws.policy.roles if spec and name in ws.policy.tools_for(r) and r in spec.roles)
             problem = (f"{name!r} is a {'/'.join(owners)} tool; this server's role is {role!r}" if owners
                        else f"unknown tool {_shown(name, 60)}") + f" (tools here: {', '.join(exposed)})"
-        label = name if len(name) <= 60 else name[:60] + "..."
-        text = f"Error executing tool {label}: {problem}"
         args = dict(raw) if isinstance(raw, Mapping) else {"arguments": raw}
         await anyio.to_thread.run_sync(lambda: ws.audit.append(role, session, name[:100], args, f"error: {problem}"))
-        return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+        label = name if len(name) <= 60 else name[:60] + "..."
+        return f"Error executing tool {label}: {problem}"
 
     return gate
 
 
-def register_tools(server: MCPServer, ws: Workspace, role: str, session: str) -> list[str]:
+def register_tools(server: RoleServer, ws: Workspace, role: str, session: str) -> list[str]:
     granted = ws.policy.tools_for(role)
     exposed = []
     for name in granted:
@@ -297,5 +305,5 @@ def register_tools(server: MCPServer, ws: Workspace, role: str, session: str) ->
             structured_output=True,
         )
         exposed.append(name)
-    server.middleware.append(_call_gate(ws, role, session, exposed))
+    server.gate = _call_gate(ws, role, session, exposed)
     return exposed

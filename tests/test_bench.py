@@ -873,6 +873,8 @@ def test_a_running_job_of_another_live_server_is_running_and_one_of_a_dead_serve
                                                           token))
         assert jobs.get_job(workspace, ids["live"])["state"] == "running"
         other.kill()
+        time.sleep(0.5)  # killed, not yet reaped: a zombie is gone all the same
+        assert jobs.get_job(workspace, ids["live"])["state"] == "lost"
         other.wait()
         assert jobs.get_job(workspace, ids["live"])["state"] == "lost"
         assert jobs.get_job(workspace, ids["gone"])["state"] == "lost"

@@ -56,6 +56,9 @@ async def test_pages_and_filters_past_what_exists_are_named(workspace):
             assert r.is_error and words in r.content[0].text, (args, r.content[0].text)
         r = await c.call_tool("audit_log", {"tool": "benchmark"})  # a real tool never called: empty, fine
         assert not r.is_error and r.structured_content["total"] == 0
+        # "null" sent as a string is read as null, as the SDK reads it.
+        r = await c.call_tool("audit_log", {"since": "null", "limit": 1})
+        assert not r.is_error, r.content[0].text
 
 
 @pytest.mark.parametrize("mode", MODES)

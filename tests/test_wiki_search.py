@@ -88,6 +88,8 @@ def test_a_query_with_no_word_in_the_wiki_says_its_hits_may_be_weak(full_index):
     assert weak.hits and any("nearest by meaning" in n for n in weak.notes), weak.notes
     strong = full_index.search("long scoreboard stalls in a paged gather", 3)
     assert not any("nearest by meaning" in n for n in strong.notes), strong.notes
+    filtered = full_index.search("qwzxvkj plorbtang", 3, {"type": "pattern"})
+    assert any("the pages these filters keep" in n for n in filtered.notes), filtered.notes
 
 
 @pytest.mark.parametrize("filters, needle", [

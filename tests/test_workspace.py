@@ -198,3 +198,28 @@ def test_device_calibration_is_measured_once_and_again_when_a_figure_is_missing(
     assert cached_calibration(store, "cuda|H|1", measure(0.97), keep=False)["run_id"] is None
     assert cached_calibration(store, "cuda|H|1", measure(0.98))["launch_gap_us"] == 0.98
     assert [r["kind"] for r in store.list_runs(kind="calibration")] == ["calibration"] * 3
+
+
+def test_servers_opening_a_workspace_from_before_job_owners_at_once_all_start(tmp_path):
+    """The jobs table gained an `owner` column; an older database gets it on open, exactly once,
+    even when a writer's and a reviewer's server open it at the same moment."""
+    kda_dir = tmp_path / ".kda"
+    kda_dir.mkdir()
+    old = sqlite3.connect(kda_dir / "kda.db")
+    old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, role TEXT NOT NULL, state TEXT NOT NULL,"
+                " created REAL NOT NULL, updated REAL NOT NULL, progress TEXT NOT NULL DEFAULT '[]', run_id TEXT,"
+                " error TEXT)")
+    old.execute("INSERT INTO jobs VALUES ('job_old', 'benchmark', 'writer', 'done', 0, 0, '[]', NULL, NULL)")
+    old.commit()
+    old.close()
+    import time
+
+    start = time.time() + 3  # every process imported and waiting, then all open at once
+    code = (f"import time; from kda.tools.store import Store; s = Store({str(kda_dir)!r}); "
+            f"time.sleep(max(0.0, {start} - time.time())); s.initialize()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    db = sqlite3.connect(kda_dir / "kda.db")
+    assert "owner" in [r[1] for r in db.execute("PRAGMA table_info(jobs)")]
+    assert db.execute("SELECT state FROM jobs WHERE id = 'job_old'").fetchone() == ("done",)

@@ -263,12 +263,15 @@ def start_job(ws: Workspace, role: str, kind: str,
 
 def _start_ticks(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken
-    for the process that had it before."""
+    for the process that had it before; None if it is not running."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped: gone all the same
+        return None
+    return fields[19]
 
 
 def process_token(pid: int | None = None) -> str:
@@ -288,7 +291,10 @@ def process_alive(token: str | None) -> bool:
         return False
     except PermissionError:
         pass  # it exists, under another user
-    return not ticks or _start_ticks(int(pid_s)) == ticks
+    now = _start_ticks(int(pid_s))
+    if ticks:
+        return now == ticks
+    return now is not None or not Path("/proc").is_dir()  # without /proc, kill(0) is all there is
 
 
 def get_job(ws: Workspace, job_id: str) -> dict[str, Any]:

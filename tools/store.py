@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS cache (
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY, kind TEXT NOT NULL, role TEXT NOT NULL, state TEXT NOT NULL,
   created REAL NOT NULL, updated REAL NOT NULL, progress TEXT NOT NULL DEFAULT '[]',
-  run_id TEXT, error TEXT
+  run_id TEXT, error TEXT, owner TEXT
 );
 CREATE TABLE IF NOT EXISTS audit (
   seq INTEGER PRIMARY KEY, ts REAL NOT NULL, role TEXT NOT NULL, session TEXT NOT NULL,
@@ -86,8 +86,9 @@ class Store:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
-            # Added after the first release: which server process runs a job (workspaces made
-            # before it get the column on their next open).
+        # Added after the first release: which server process runs a job. Workspaces made before
+        # it get the column on their next open; two servers opening one at once must not both add it.
+        with self.transaction() as db:
             if "owner" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
                 db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
 
