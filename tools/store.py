@@ -84,7 +84,17 @@ class Store:
         self.blob_dir.mkdir(exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         with self.connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            # Switching a database to WAL takes an exclusive lock that the busy timeout does not
+            # wait for; a workspace is in WAL from its first open, so later opens only read the mode.
+            for attempt in range(50):
+                try:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 49:
+                        raise
+                    time.sleep(0.1)
             db.executescript(SCHEMA)
         # Added after the first release: which server process runs a job. Workspaces made before
         # it get the column on their next open; two servers opening one at once must not both add it.
