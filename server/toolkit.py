@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import time
 import traceback
 from collections.abc import Mapping
@@ -156,10 +155,11 @@ def _format_validation(e: ValidationError) -> str:
 
 
 def argument_problem(model: type[BaseModel], raw: Any) -> str | None:
-    """What is wrong with a call's raw arguments for this input model, in words; None if nothing.
+    """What is wrong with a call's arguments for this input model, in words; None if nothing.
 
     Runs before the SDK's own argument model, which drops unknown keys (a misspelt `workloads`
-    would silently mean all workloads) and answers range errors with a pydantic dump.
+    would silently mean all workloads) and answers range errors with a pydantic dump. `raw` is
+    what the SDK would validate: JSON strings already pre-parsed by its own rule.
     """
     if not isinstance(raw, dict):
         return f"invalid arguments: expected an object of named parameters, got {_shown(raw)}"
@@ -172,18 +172,8 @@ def argument_problem(model: type[BaseModel], raw: Any) -> str | None:
             hints.append(f"{_shown(k, 40)}" + (f" (did you mean {near[0]!r}?)" if near else ""))
         known = ", ".join(fields) or "none"
         return f"invalid arguments: unknown parameter {', '.join(hints)}; this tool takes: {known}"
-    # As the SDK does: a list or object sent as a JSON string (some clients do) is parsed first.
-    parsed = dict(raw)
-    for k, v in raw.items():
-        if isinstance(v, str) and fields[k].annotation is not str:
-            try:
-                value = json.loads(v)
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(value, (str, int, float)):  # the SDK's rule: lists, objects, null
-                parsed[k] = value
     try:
-        model.model_validate(parsed)
+        model.model_validate(raw)
     except ValidationError as e:
         return _format_validation(e)
     return None
@@ -262,7 +252,12 @@ class RoleServer(MCPServer):
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         if self.gate is not None:
-            refusal = await self.gate(name, arguments)
+            # Checked as the SDK will read them: some clients send lists and objects as JSON
+            # strings, which the tool's own metadata parses first.
+            registered = self._tool_manager.get_tool(name)
+            seen = (registered.fn_metadata.pre_parse_json(arguments)
+                    if registered is not None and isinstance(arguments, dict) else arguments)
+            refusal = await self.gate(name, seen)
             if refusal is not None:
                 raise ToolError(refusal)
         return await super().call_tool(name, arguments, context)
