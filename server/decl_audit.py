@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
+from kda.tools.audit import PERSON
 from kda.tools.errors import BadInput, LockMismatch
 
 from .toolkit import REGISTRY, CallContext, Page, Reply, tool
@@ -69,7 +70,7 @@ def audit_log(call: CallContext, args: AuditLogInput) -> Reply[AuditLogOutput]:
     """List audit entries (oldest first) with filters and pagination. Each entry records role,
     session, tool, an argument digest, the outcome, and the files under work/ that changed since
     the previous entry (sha256 before/after) — which role changed which file."""
-    roles = sorted({*call.ws.policy.roles, "person"})
+    roles = sorted({*call.ws.policy.roles, PERSON})
     if args.role is not None and args.role not in roles:
         raise BadInput(f"role {args.role!r}: no such role; roles: {', '.join(roles)}")
     rows, total = call.ws.audit.entries(args.tool, args.role, _since_ts(args.since), args.offset, args.limit)

@@ -19,6 +19,7 @@ from typing import Any
 from .store import Store, canonical_json, sha256_file
 
 GENESIS = "0" * 64
+PERSON = "person"  # the role of entries a person makes from the command line (kda init)
 
 
 def args_digest(args: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .audit import PERSON
 from .errors import BadInput
 from .policy import parse_policy, shipped_policy_text
 from .workspace import Workspace, compute_lock
@@ -201,5 +202,5 @@ def init_workspace(dest: Path, src: TaskSource, policy: str = "default", force: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     ws = Workspace.open(dest)
-    ws.audit.append("person", "cli", "init --force" if exists else "init", {"task": src.name, "origin": src.origin}, "ok")
+    ws.audit.append(PERSON, "cli", "init --force" if exists else "init", {"task": src.name, "origin": src.origin}, "ok")
     return ws
