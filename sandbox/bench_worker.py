@@ -159,6 +159,7 @@ class _Guard:
             for ok in self.allowed:
                 if c == ok or c.startswith(ok + os.sep):
                     mine = True
+                    break
             if mine:
                 continue
             for prot in self.protected:
@@ -881,7 +882,9 @@ def _identity_watch():
     still what it was: this module's functions, classes and objects and their methods, the other
     sandbox modules' and the builtins. The candidate shares this interpreter, so rebinding any of
     them (the saved timer, the output saver, ALERTS.add, harness.input_digest, builtins.any) would
-    change what the harness measures or reports. It lives in main()'s locals, not in a global."""
+    change what the harness measures or reports. It lives in main()'s locals, not in a global.
+    Library functions (time.perf_counter, torch.Tensor.copy_ ...) are WATCHED's, by attribute lookup:
+    most of torch's are not in any one class's vars()."""
     import builtins
     import types
 
